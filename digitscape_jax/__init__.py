@@ -1,0 +1,1 @@
+"""Digitscape JAX: a DCGAN that learns to write MNIST digits, in JAX and Flax."""

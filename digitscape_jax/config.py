@@ -1,0 +1,113 @@
+"""The one configuration object of a run, and the architectures it can name.
+
+The config is saved as JSON inside every checkpoint, so that `sample.py --ckpt`
+rebuilds the exact generator from the checkpoint directory alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Literal
+
+from digitscape_jax.errors import UserError
+
+NoiseKind = Literal["uniform", "normal"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchSpec:
+    """Widths and defaults of one DCGAN variant.
+
+    The generator maps noise to a 7x7 map with `g_dense_channels` channels, then
+    runs transposed convolutions with `g_conv_channels` (strides 1, 2) and a
+    final stride-2 one to a single channel. The discriminator has one stride-2
+    convolution per entry of `d_channels`.
+    """
+
+    g_dense_channels: int
+    g_conv_channels: tuple[int, int]
+    d_channels: tuple[int, int]
+    noise: NoiseKind
+    batch_size: int
+
+
+ARCHS: dict[str, ArchSpec] = {
+    # The original Keras "Digitscape" model.
+    "seed": ArchSpec(8, (8, 16), (16, 32), noise="uniform", batch_size=64),
+    # The same network at the widths of the TensorFlow DCGAN tutorial.
+    "dcgan": ArchSpec(256, (128, 64), (64, 128), noise="normal", batch_size=256),
+}
+
+DEFAULT_ARCH = "dcgan"
+
+# Fields that define the networks' shapes: a checkpoint can only be resumed or
+# sampled with the values it was written with.
+MODEL_FIELDS = ("arch", "latent_dim")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything that defines a training run."""
+
+    arch: str = DEFAULT_ARCH
+    latent_dim: int = 100
+    batch_size: int = ARCHS[DEFAULT_ARCH].batch_size
+    learning_rate: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    seed: int = 0
+    steps: int = 20_000
+    log_every: int = 100
+    sample_every: int = 1_000
+    ckpt_every: int = 1_000
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise UserError(f"unknown arch {self.arch!r}; choose one of {sorted(ARCHS)}")
+        for name in ("latent_dim", "batch_size", "steps", "log_every", "sample_every", "ckpt_every"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 < self.learning_rate < float("inf"):
+            raise UserError(f"learning_rate must be positive and finite, got {self.learning_rate}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise UserError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+
+    @property
+    def spec(self) -> ArchSpec:
+        return ARCHS[self.arch]
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any) -> Config:
+        """Builds a Config from parsed JSON, refusing unknown or mistyped fields."""
+        if not isinstance(data, dict):
+            raise UserError(f"config must be a JSON object, got {type(data).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            raise UserError(f"config has unknown field(s): {', '.join(unknown)}")
+        values = {}
+        for name, value in data.items():
+            expected = type(getattr(cls, name))
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if type(value) is not expected:
+                raise UserError(
+                    f"config field {name!r} must be {expected.__name__}, got {json.dumps(value)}"
+                )
+            values[name] = value
+        return cls(**values)
+
+    def check_resumable_with(self, saved: Config) -> None:
+        """Refuses to continue a checkpoint whose networks have other shapes."""
+        for name in MODEL_FIELDS:
+            ours, theirs = getattr(self, name), getattr(saved, name)
+            if ours != theirs:
+                raise UserError(
+                    f"checkpoint was trained with {name}={theirs!r} but this run asks for "
+                    f"{name}={ours!r}; use another --ckpt-dir or the same {name}"
+                )

@@ -1,0 +1,111 @@
+"""Train states and the one pure, jitted update over both of them."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+
+from digitscape_jax.config import Config
+from digitscape_jax.models import IMAGE_SHAPE, Discriminator, Generator, sample_noise
+
+# Keras's Adam epsilon; optax's default is 1e-8.
+ADAM_EPSILON = 1e-7
+
+Metrics = dict[str, jax.Array]
+
+
+class GeneratorState(train_state.TrainState):
+    """G's params and optimizer state, plus its BatchNorm running statistics."""
+
+    batch_stats: Any
+
+
+def create_states(config: Config, key: jax.Array) -> tuple[GeneratorState, train_state.TrainState]:
+    """Freshly initialised G and D states, each with its own Adam."""
+    g_key, d_key = jax.random.split(key)
+    generator, discriminator = Generator(config.spec), Discriminator(config.spec)
+    g_vars = generator.init(g_key, jnp.zeros((1, config.latent_dim)), train=False)
+    d_vars = discriminator.init(d_key, jnp.zeros((1, *IMAGE_SHAPE)), train=False)
+
+    def adam() -> optax.GradientTransformation:
+        return optax.adam(config.learning_rate, config.beta1, config.beta2, eps=ADAM_EPSILON)
+
+    g_state = GeneratorState.create(
+        apply_fn=generator.apply, params=g_vars["params"], tx=adam(),
+        batch_stats=g_vars["batch_stats"],
+    )
+    d_state = train_state.TrainState.create(
+        apply_fn=discriminator.apply, params=d_vars["params"], tx=adam()
+    )
+    return g_state, d_state
+
+
+def bce_with_logits(logits: jax.Array, label: float) -> jax.Array:
+    return optax.sigmoid_binary_cross_entropy(logits, jnp.full_like(logits, label)).mean()
+
+
+def train_step(
+    g_state: GeneratorState,
+    d_state: train_state.TrainState,
+    images: jax.Array,
+    key: jax.Array,
+    *,
+    config: Config,
+) -> tuple[GeneratorState, train_state.TrainState, Metrics]:
+    """One GAN update: a single forward pass, both gradients, both applied together.
+
+    `key` is the run's key; the step's randomness (noise and dropout) is folded
+    in from `g_state.step`, so it is a pure function of (seed, step).
+    """
+    noise_key, dropout_key = jax.random.split(jax.random.fold_in(key, g_state.step))
+    noise = sample_noise(noise_key, config.spec.noise, (images.shape[0], config.latent_dim))
+
+    def losses(g_params, d_params):
+        fake, g_updates = g_state.apply_fn(
+            {"params": g_params, "batch_stats": g_state.batch_stats},
+            noise, train=True, mutable=["batch_stats"],
+        )
+        # Real and fake go through D as one batch: D has no batch statistics.
+        logits = d_state.apply_fn(
+            {"params": d_params}, jnp.concatenate([images, fake]), train=True,
+            rngs={"dropout": dropout_key},
+        )[:, 0]
+        real_logits, fake_logits = jnp.split(logits, 2)
+        d_loss = (bce_with_logits(real_logits, 1.0) + bce_with_logits(fake_logits, 0.0)) / 2
+        g_loss = bce_with_logits(fake_logits, 1.0)
+        metrics = {
+            "d_loss": d_loss,
+            "g_loss": g_loss,
+            "d_real": jax.nn.sigmoid(real_logits).mean(),  # D(x)
+            "d_fake": jax.nn.sigmoid(fake_logits).mean(),  # D(G(z))
+        }
+        return (d_loss, g_loss), (g_updates["batch_stats"], metrics)
+
+    (d_loss, g_loss), backward, (batch_stats, metrics) = jax.vjp(
+        losses, g_state.params, d_state.params, has_aux=True
+    )
+    one, zero = jnp.ones_like(d_loss), jnp.zeros_like(g_loss)
+    _, d_grads = backward((one, zero))
+    g_grads, _ = backward((zero, one))
+    g_state = g_state.apply_gradients(grads=g_grads, batch_stats=batch_stats)
+    d_state = d_state.apply_gradients(grads=d_grads)
+    return g_state, d_state, metrics
+
+
+TrainStep = Callable[
+    [GeneratorState, train_state.TrainState, jax.Array, jax.Array],
+    tuple[GeneratorState, train_state.TrainState, Metrics],
+]
+
+
+def jit_train_step(config: Config, donate: bool = True) -> TrainStep:
+    """`train_step` for this config, jitted once, donating both states by default."""
+    return jax.jit(
+        functools.partial(train_step, config=config), donate_argnums=(0, 1) if donate else ()
+    )

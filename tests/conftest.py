@@ -1,0 +1,47 @@
+"""Shared fixtures: the real MNIST files beside the repo, and small IDX folders."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MNIST = Path(os.environ.get("DIGITSCAPE_MNIST_IDX", REPO.parent / "shared" / "mnist"))
+
+sys.path.insert(0, str(REPO))
+
+
+@pytest.fixture(scope="session")
+def mnist_idx() -> Path:
+    """The four real MNIST IDX files. They are required: these tests never skip."""
+    missing = [f for f in ("train-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+               if not (SHARED_MNIST / f).is_file()]
+    assert not missing, f"real MNIST IDX files not found in {SHARED_MNIST}"
+    return SHARED_MNIST
+
+
+def write_idx(path: Path, magic: int, array: np.ndarray) -> None:
+    """Writes `array` (uint8) as a gzipped IDX file."""
+    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+@pytest.fixture
+def small_idx(tmp_path: Path) -> tuple[Path, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """A folder of four tiny, random IDX files, and the arrays they hold."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "idx"
+    folder.mkdir()
+    arrays = {}
+    for split, prefix, n in (("train", "train", 40), ("test", "t10k", 12)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, (n,), dtype=np.uint8)
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", 2051, images)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", 2049, labels)
+        arrays[split] = (images, labels)
+    return folder, arrays

@@ -1,0 +1,71 @@
+"""Checkpoints round-trip exactly, and the config inside them is validated."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from digitscape_jax.checkpointing import Checkpointer, abstract_states
+from digitscape_jax.config import Config
+from digitscape_jax.errors import UserError
+from digitscape_jax.steps import create_states, jit_train_step
+from test_steps import assert_trees_equal, state_trees, to_numpy
+
+
+def test_restore_then_step_is_bit_identical_to_stepping_on(tmp_path):
+    config = Config(arch="seed", batch_size=16)
+    step = jit_train_step(config, donate=False)
+    batches = jax.random.uniform(jax.random.key(5), (4, 16, 28, 28, 1), minval=-1, maxval=1)
+    key = jax.random.key(config.seed)
+    g_state, d_state = create_states(config, jax.random.key(0))
+    for batch in batches[:3]:
+        g_state, d_state, _ = step(g_state, d_state, batch, key)
+    Checkpointer(tmp_path).save(3, g_state, d_state, config)
+
+    reader = Checkpointer(tmp_path, read_only=True)
+    assert reader.latest_step() == 3 and reader.load_config(3) == config
+    g_restored, d_restored = reader.restore(3, abstract_states(config))
+    assert_trees_equal(to_numpy(state_trees(g_restored, d_restored)),
+                       to_numpy(state_trees(g_state, d_state)))
+
+    live = step(g_state, d_state, batches[3], key)
+    resumed = step(g_restored, d_restored, batches[3], key)
+    assert_trees_equal(to_numpy((state_trees(*live[:2]), live[2])),
+                       to_numpy((state_trees(*resumed[:2]), resumed[2])))
+
+
+def test_only_the_last_three_are_kept_and_a_saved_step_is_not_rewritten(tmp_path):
+    config = Config(arch="seed", batch_size=16)
+    g_state, d_state = create_states(config, jax.random.key(0))
+    ckpt = Checkpointer(tmp_path)
+    for s in (1, 2, 3, 4):
+        ckpt.save(s, g_state, d_state, config)
+    assert ckpt.all_steps() == [2, 3, 4]
+    stamp = (tmp_path / "4").stat().st_mtime_ns
+    ckpt.save(4, g_state, d_state, config)
+    assert (tmp_path / "4").stat().st_mtime_ns == stamp
+
+
+def test_config_json_round_trip_and_validation():
+    config = Config(arch="seed", batch_size=32, learning_rate=2e-4, beta1=0.5)
+    assert Config.from_json(config.to_json()) == config
+    assert Config.from_json({"learning_rate": 1}).learning_rate == 1.0  # JSON ints are numbers
+    with pytest.raises(UserError, match="unknown field.*colour"):
+        Config.from_json({**config.to_json(), "colour": "blue"})
+    with pytest.raises(UserError, match="'batch_size' must be int"):
+        Config.from_json({"batch_size": "64"})
+    with pytest.raises(UserError, match="'steps' must be int"):
+        Config.from_json({"steps": True})
+    with pytest.raises(UserError, match="unknown arch"):
+        Config.from_json({"arch": "resnet"})
+    with pytest.raises(UserError, match="batch_size must be positive"):
+        Config.from_json({"batch_size": 0})
+    with pytest.raises(UserError, match="JSON object"):
+        Config.from_json([1, 2])
+
+
+def test_resume_check_names_both_values():
+    with pytest.raises(UserError, match="latent_dim=100 but this run asks for latent_dim=64"):
+        Config(latent_dim=64).check_resumable_with(Config(latent_dim=100))
+    Config(steps=5, learning_rate=1e-3).check_resumable_with(Config())  # not a model field

@@ -1,0 +1,193 @@
+"""train.py and sample.py end to end on real MNIST, and their answers to bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO
+from digitscape_jax import cli, data
+from digitscape_jax.plots import GRID_PAD
+
+import sample
+import train
+
+TRAIN_FLAGS = ["--arch", "seed", "--steps", "30", "--log-every", "10", "--sample-every", "10",
+               "--ckpt-every", "10"]
+
+
+def run_script(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def grid_size(rows: int, cols: int) -> tuple[int, int]:
+    """(width, height) of a saved grid of 28x28 digits."""
+    return cols * (28 + GRID_PAD) - GRID_PAD, rows * (28 + GRID_PAD) - GRID_PAD
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, mnist_idx):
+    """`train.py` from nothing: prepares MNIST from the IDX files, trains 30 steps of `seed`."""
+    workdir = tmp_path_factory.mktemp("run")
+    result = run_script("train.py", *TRAIN_FLAGS, "--mnist-idx", mnist_idx,
+                        "--data-dir", workdir / "tfds", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    return workdir, result
+
+
+def test_train_writes_every_output(trained_run):
+    workdir, result = trained_run
+    ckpt = workdir / "ckpt"
+    assert sorted(p.name for p in ckpt.iterdir() if p.name.isdigit()) == ["10", "20", "30"]
+    assert Image.open(ckpt / "real_images.png").size == grid_size(1, 10)
+    assert Image.open(ckpt / "generated_images.png").size == grid_size(4, 4)
+    for step in (10, 20, 30):
+        row = Image.open(workdir / "generated_images" / f"generated_images_{step}.png")
+        assert row.size == grid_size(1, 10) and row.mode == "L"
+    records = [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [10, 20, 30]
+    for r in records:
+        assert set(r) == {"step", "steps_per_s", "d_loss", "g_loss", "d_real", "d_fake"}
+        assert 0 < r["d_real"] < 1 and 0 < r["d_fake"] < 1 and r["d_loss"] > 0
+    assert "step 30/30" in result.stdout and "D(G(z))" in result.stdout
+
+
+def test_real_images_are_the_first_ten_training_digits(trained_run):
+    workdir, _ = trained_run
+    images, _ = data.load_split("train", str(workdir / "tfds"))
+    grid = np.asarray(Image.open(workdir / "ckpt" / "real_images.png"))
+    for i in range(10):
+        tile = grid[:, i * (28 + GRID_PAD): i * (28 + GRID_PAD) + 28]
+        np.testing.assert_array_equal(tile, images[i, ..., 0])
+
+
+def test_sample_rebuilds_the_generator_from_the_checkpoint_alone(trained_run):
+    workdir, _ = trained_run
+    result = run_script("sample.py", "--ckpt", "ckpt", "--n", "50", "--npz", "s.npz", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert "step 30" in result.stdout
+    assert Image.open(workdir / "samples.png").size == grid_size(7, 8)
+    with np.load(workdir / "s.npz") as f:
+        images = f["images"]
+    assert images.shape == (50, 28, 28) and images.dtype == np.uint8
+    assert images.std() > 0  # digits, not a constant
+
+
+def test_sample_is_reproducible_and_picks_steps(trained_run, tmp_path):
+    ckpt = str(trained_run[0] / "ckpt")
+
+    def draw(*flags: str) -> np.ndarray:
+        out = tmp_path / "s.npz"
+        assert cli.run(sample.main, ["--ckpt", ckpt, "--out", str(tmp_path / "s.png"),
+                                     "--npz", str(out), *flags]) == 0
+        with np.load(out) as f:
+            return f["images"]
+
+    first = draw("--n", "1200", "--seed", "3")  # more than one generation batch
+    assert first.shape == (1200, 28, 28)
+    np.testing.assert_array_equal(first, draw("--n", "1200", "--seed", "3"))
+    assert not np.array_equal(first, draw("--n", "1200", "--seed", "4"))
+    assert not np.array_equal(first, draw("--n", "1200", "--seed", "3", "--step", "10"))
+
+
+def test_rerun_resumes_and_trains_up_to_steps(trained_run, tmp_path):
+    workdir, _ = trained_run
+    shutil.copytree(workdir / "ckpt", tmp_path / "ckpt")
+    result = run_script("train.py", *TRAIN_FLAGS[:2], "--steps", "40", "--log-every", "10",
+                        "--data-dir", workdir / "tfds", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "resuming" in result.stdout and "from step 30" in result.stdout
+    assert "step 40/40" in result.stdout and "step 10/" not in result.stdout
+    steps = sorted(int(p.name) for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit())
+    assert steps == [20, 30, 40]  # the last 3 are kept
+    records = [json.loads(line) for line in (tmp_path / "ckpt" / "metrics.jsonl").open()]
+    assert [r["step"] for r in records] == [10, 20, 30, 40]
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--steps", "0"], "--steps: must be positive"),
+    (["--steps", "-5"], "--steps: must be positive"),
+    (["--steps", "ten"], "--steps: expected a positive integer"),
+    (["--batch-size", "0"], "--batch-size: must be positive"),
+    (["--batch-size", "-64"], "--batch-size: must be positive"),
+    (["--arch", "resnet"], "--arch: invalid choice: 'resnet'"),
+    (["--lr", "nan"], "--lr: must be positive and finite"),
+])
+def test_train_rejects_bad_flags(capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(flags)
+    assert exit_info.value.code == 2
+    assert message in one_line_error(capsys)
+
+
+def test_train_rejects_bad_mnist_idx(capsys, tmp_path, small_idx):
+    base = ["--steps", "1", "--data-dir", str(tmp_path / "tfds"), "--ckpt-dir", str(tmp_path / "c")]
+    assert cli.run(train.main, base + ["--mnist-idx", str(tmp_path)]) == 1
+    assert "missing MNIST file" in one_line_error(capsys)
+    idx_dir, _ = small_idx
+    (idx_dir / "t10k-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b garbage")
+    assert cli.run(train.main, base + ["--mnist-idx", str(idx_dir)]) == 1
+    assert "corrupt MNIST file" in one_line_error(capsys)
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())
+
+
+def test_resuming_with_another_arch_is_refused(capsys, trained_run):
+    workdir, _ = trained_run
+    assert cli.run(train.main, ["--arch", "dcgan", "--ckpt-dir", str(workdir / "ckpt")]) == 1
+    assert "arch='seed'" in (line := one_line_error(capsys)) and "arch='dcgan'" in line
+
+
+def test_steps_already_done_changes_nothing(capsys, trained_run):
+    ckpt = trained_run[0] / "ckpt"
+    before = sorted(p.name for p in ckpt.iterdir())
+    assert cli.run(train.main, ["--arch", "seed", "--steps", "30", "--ckpt-dir", str(ckpt)]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert sorted(p.name for p in ckpt.iterdir()) == before
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "not_a_checkpoint", "a_file", "bad_step"])
+def test_sample_rejects_bad_ckpt(capsys, tmp_path, trained_run, case):
+    target = tmp_path / "ckpt"
+    flags = []
+    if case == "empty":
+        target.mkdir()
+    elif case == "not_a_checkpoint":
+        (target / "7").mkdir(parents=True)
+        (target / "7" / "notes.txt").write_text("not a checkpoint")
+    elif case == "a_file":
+        target.write_text("not a directory")
+    elif case == "bad_step":
+        target, flags = trained_run[0] / "ckpt", ["--step", "15"]
+    assert cli.run(sample.main, ["--ckpt", str(target), "--out", str(tmp_path / "s.png"),
+                                 *flags]) == 1
+    message = one_line_error(capsys)
+    assert message.startswith("error: ") and str(target.name) in message
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_cli_errors_are_one_line_in_a_real_process(tmp_path):
+    result = run_script("sample.py", "--ckpt", tmp_path / "nowhere", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: checkpoint directory {tmp_path / 'nowhere'} does not exist"
+    result = run_script("train.py", "--batch-size", "0", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("train.py: error: argument --batch-size: must be positive, "
+                                     "got 0 (see --help)")

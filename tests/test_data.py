@@ -1,0 +1,124 @@
+"""MNIST preparation from IDX files, and the tf.data stream."""
+
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from conftest import write_idx
+from digitscape_jax import data
+from digitscape_jax.errors import UserError
+
+
+def sort_examples(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Puts examples in a canonical order (tfds shuffles them when it writes)."""
+    flat = images.reshape(len(images), -1)
+    order = np.lexsort(np.concatenate([flat, labels[:, None]], axis=1).T[::-1])
+    return images[order], labels[order]
+
+
+def test_mnist_idx_prepares_the_standard_tfds_dataset_bit_for_bit(small_idx, tmp_path):
+    idx_dir, arrays = small_idx
+    data_dir = str(tmp_path / "tfds")
+    data.prepare_mnist(data_dir, str(idx_dir))
+    for split, (images, labels) in arrays.items():
+        # A plain tfds.load, as any user of tfds would call it.
+        loaded = tfds.as_numpy(tfds.load("mnist", split=split, data_dir=data_dir, download=False,
+                                          batch_size=-1, as_supervised=True))
+        assert loaded[0].shape == (len(images), 28, 28, 1) and loaded[0].dtype == np.uint8
+        got = sort_examples(loaded[0][..., 0], loaded[1])
+        want = sort_examples(images, labels.astype(np.int64))
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+    info = tfds.builder("mnist", data_dir=data_dir).info
+    assert info.splits["train"].num_examples == 40 and info.splits["test"].num_examples == 12
+    # Prepared once: a second call reads nothing from the IDX folder.
+    data.prepare_mnist(data_dir, str(tmp_path / "no-such-folder"))
+
+
+@pytest.mark.parametrize("damage", ["missing", "not_gzip", "truncated", "bad_magic", "count"])
+def test_bad_idx_files_are_refused_before_anything_is_written(small_idx, tmp_path, damage):
+    idx_dir, arrays = small_idx
+    target = idx_dir / "train-images-idx3-ubyte.gz"
+    if damage == "missing":
+        target.unlink()
+    elif damage == "not_gzip":
+        target.write_bytes(b"this is not gzip")
+    elif damage == "truncated":
+        target.write_bytes(target.read_bytes()[:200])
+    elif damage == "bad_magic":
+        write_idx(target, 2049, arrays["train"][0])
+    elif damage == "count":  # 39 images against 40 labels
+        write_idx(target, 2051, arrays["train"][0][:39])
+    data_dir = tmp_path / "tfds"
+    with pytest.raises(UserError, match="train-images-idx3-ubyte.gz|disagree"):
+        data.prepare_mnist(str(data_dir), str(idx_dir))
+    assert not (data_dir / "mnist").exists()
+
+
+def test_idx_header_lies_about_its_size(tmp_path):
+    path = tmp_path / "x.gz"
+    header = (2051).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in (5, 28, 28))
+    path.write_bytes(gzip.compress(header + bytes(28 * 28 * 4)))
+    with pytest.raises(UserError, match=r"header says \(5, 28, 28\) but holds 3136"):
+        data.read_idx(path, data.IMAGES_MAGIC)
+
+
+def test_unprepared_and_unreachable_mnist_fails_at_once_naming_the_flag(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "_reachable", lambda host: False)
+    with pytest.raises(UserError, match="--mnist-idx"):
+        data.prepare_mnist(str(tmp_path / "empty"), None)
+    with pytest.raises(UserError, match="no such folder"):
+        data.prepare_mnist(str(tmp_path / "empty"), str(tmp_path / "nowhere"))
+
+
+def test_reachability_check_answers_for_a_closed_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound but not listening: connections are refused
+        assert data._reachable("127.0.0.1", port) is False
+
+
+@pytest.fixture
+def mock_mnist():
+    with tfds.testing.mock_data(num_examples=100):
+        images, labels = data.load_split("train")
+    return images, labels
+
+
+def batches(images, batch_size, seed, start_step, count):
+    it = data.train_batches(images, batch_size, seed, start_step).as_numpy_iterator()
+    return np.stack([next(it) for _ in range(count)])
+
+
+def test_stream_under_tfds_mock_data(mock_mnist):
+    images, labels = mock_mnist
+    assert images.shape == (100, 28, 28, 1) and images.dtype == np.uint8
+    assert labels.shape == (100,)
+    stream = batches(images, 20, seed=0, start_step=0, count=10)  # two epochs
+    assert stream.shape == (10, 20, 28, 28, 1) and stream.dtype == np.float32
+    scaled = images.astype(np.float32) / 127.5 - 1.0  # float32, as tf.data computes it
+    assert scaled.dtype == np.float32 and stream.min() >= -1.0 and stream.max() <= 1.0
+    np.testing.assert_array_equal(np.unique(stream), np.unique(scaled))
+    expected_pixels = np.sort(scaled.reshape(100, -1), axis=0)
+    for epoch in stream.reshape(2, 100, -1):  # each epoch holds every image exactly once
+        np.testing.assert_array_equal(np.sort(epoch, axis=0), expected_pixels)
+    assert not np.array_equal(stream[:5], stream[5:])  # reshuffled every epoch
+
+
+def test_stream_is_a_pure_function_of_seed_and_step(mock_mnist):
+    images, _ = mock_mnist
+    whole = batches(images, 32, seed=3, start_step=0, count=12)  # batches cross epochs
+    np.testing.assert_array_equal(whole, batches(images, 32, seed=3, start_step=0, count=12))
+    for start in (1, 3, 7):
+        np.testing.assert_array_equal(whole[start:], batches(images, 32, 3, start, 12 - start))
+    assert not np.array_equal(whole, batches(images, 32, seed=4, start_step=0, count=12))
+
+
+def test_batch_larger_than_the_dataset_is_refused(mock_mnist):
+    with pytest.raises(UserError, match="larger than the dataset"):
+        data.train_batches(mock_mnist[0], 101, 0)

@@ -1,0 +1,145 @@
+"""The networks match the Keras originals: layer shapes, parameter counts, Keras defaults."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from digitscape_jax.config import ARCHS
+from digitscape_jax.models import (ConvTranspose, Discriminator, Generator, leaky_relu,
+                                   sample_noise)
+
+# Keras model.summary() of the original ("seed") and of the TF tutorial ("dcgan"):
+# (layer, output shape without the batch axis), in order, and the total parameter counts
+# (Keras counts BatchNorm's moving mean and variance too).
+KERAS_G = {
+    "seed": ([("Dense_0", (392,)), ("BatchNorm_0", (392,)), ("ConvTranspose_0", (7, 7, 8)),
+              ("BatchNorm_1", (7, 7, 8)), ("ConvTranspose_1", (14, 14, 16)),
+              ("BatchNorm_2", (14, 14, 16)), ("ConvTranspose_2", (28, 28, 1))], 46_064),
+    "dcgan": ([("Dense_0", (12544,)), ("BatchNorm_0", (12544,)),
+               ("ConvTranspose_0", (7, 7, 128)), ("BatchNorm_1", (7, 7, 128)),
+               ("ConvTranspose_1", (14, 14, 64)), ("BatchNorm_2", (14, 14, 64)),
+               ("ConvTranspose_2", (28, 28, 1))], 2_330_944),
+}
+KERAS_D = {
+    "seed": ([("Conv_0", (14, 14, 16)), ("Dropout_0", (14, 14, 16)), ("Conv_1", (7, 7, 32)),
+              ("Dropout_1", (7, 7, 32)), ("Dense_0", (1,))], 14_817),
+    "dcgan": ([("Conv_0", (14, 14, 64)), ("Dropout_0", (14, 14, 64)), ("Conv_1", (7, 7, 128)),
+               ("Dropout_1", (7, 7, 128)), ("Dense_0", (1,))], 212_865),
+}
+
+
+def count(tree) -> int:
+    return sum(x.size for x in jax.tree.leaves(tree))
+
+
+def layer_shapes(module: nn.Module, x: jax.Array, **kwargs) -> tuple[list, dict, jax.Array]:
+    variables = module.init(jax.random.key(0), x, train=False)
+    out, state = module.apply(variables, x, train=True, capture_intermediates=True,
+                              mutable=["intermediates", "batch_stats"], **kwargs)
+    inter = state["intermediates"]
+    shapes = [(name, inter[name]["__call__"][0].shape[1:]) for name in inter if name != "__call__"]
+    return shapes, variables, out
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_generator_matches_keras(arch):
+    expected_layers, expected_params = KERAS_G[arch]
+    shapes, variables, out = layer_shapes(Generator(ARCHS[arch]), jnp.zeros((3, 100)))
+    assert shapes == expected_layers
+    assert out.shape == (3, 28, 28, 1)
+    assert count(variables) == expected_params
+    assert set(variables) == {"params", "batch_stats"}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_discriminator_matches_keras(arch):
+    expected_layers, expected_params = KERAS_D[arch]
+    shapes, variables, out = layer_shapes(Discriminator(ARCHS[arch]), jnp.zeros((3, 28, 28, 1)),
+                                          rngs={"dropout": jax.random.key(1)})
+    assert shapes == expected_layers
+    assert out.shape == (3, 1)
+    assert count(variables) == expected_params
+
+
+def test_generator_has_no_biases_and_discriminator_zero_biases():
+    g = Generator(ARCHS["seed"]).init(jax.random.key(0), jnp.zeros((1, 100)), train=False)
+    d = Discriminator(ARCHS["seed"]).init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), train=False)
+    g_names = {path[-1].key for path, _ in jax.tree_util.tree_leaves_with_path(g["params"])}
+    assert g_names == {"kernel", "scale", "bias"}  # "bias" only from BatchNorm
+    assert all("BatchNorm" in path[0].key
+               for path, _ in jax.tree_util.tree_leaves_with_path(g["params"])
+               if path[-1].key == "bias")
+    for layer in d["params"].values():
+        np.testing.assert_array_equal(layer["bias"], 0.0)
+
+
+def test_kernels_are_glorot_uniform():
+    variables = Generator(ARCHS["dcgan"]).init(jax.random.key(0), jnp.zeros((1, 100)), train=False)
+    kernel = np.asarray(variables["params"]["ConvTranspose_0"]["kernel"])  # (5, 5, 256, 128)
+    bound = np.sqrt(6.0 / (25 * 256 + 25 * 128))
+    assert np.abs(kernel).max() <= bound
+    assert np.abs(kernel).max() > 0.99 * bound  # uniform on the whole interval
+    assert abs(kernel.std() - bound / np.sqrt(3)) < 0.01 * bound
+
+
+def test_batchnorm_uses_keras_momentum_and_epsilon():
+    module = Generator(ARCHS["seed"])
+    z = jax.random.uniform(jax.random.key(1), (16, 100))
+    variables = module.init(jax.random.key(0), z, train=False)
+    _, state = module.apply(variables, z, train=True, mutable=["batch_stats", "intermediates"],
+                            capture_intermediates=True)
+    dense_out = state["intermediates"]["Dense_0"]["__call__"][0]
+    # Running mean after one step, momentum 0.99: 0.99 * 0 + 0.01 * batch mean.
+    np.testing.assert_allclose(state["batch_stats"]["BatchNorm_0"]["mean"],
+                               0.01 * dense_out.mean(0), rtol=1e-5, atol=1e-8)
+    bn_out = state["intermediates"]["BatchNorm_0"]["__call__"][0]
+    expected = (dense_out - dense_out.mean(0)) / jnp.sqrt(dense_out.var(0) + 1e-3)
+    np.testing.assert_allclose(bn_out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_leaky_relu_slope_is_keras_default():
+    np.testing.assert_allclose(leaky_relu(jnp.array([-2.0, 0.0, 3.0])), [-0.6, 0.0, 3.0])
+
+
+def test_noise_priors():
+    uniform = sample_noise(jax.random.key(0), "uniform", (4000, 100))
+    normal = sample_noise(jax.random.key(0), "normal", (4000, 100))
+    assert 0.0 <= float(uniform.min()) and float(uniform.max()) < 1.0
+    assert abs(float(uniform.mean()) - 0.5) < 0.01
+    assert float(normal.min()) < -3.0 and abs(float(normal.std()) - 1.0) < 0.01
+
+
+@pytest.mark.parametrize("kernel_size,stride", [(5, 1), (5, 2), (3, 2), (4, 2), (5, 3)])
+def test_conv_transpose_is_flax_and_lax_conv_transpose(kernel_size, stride):
+    x = jax.random.normal(jax.random.key(0), (2, 7, 7, 6))
+    ours = ConvTranspose(5, kernel_size=kernel_size, strides=stride)
+    variables = ours.init(jax.random.key(1), x)
+    kernel = variables["params"]["kernel"]
+    flax_ref = nn.ConvTranspose(5, (kernel_size, kernel_size), strides=(stride, stride),
+                                padding="SAME", use_bias=False)
+
+    def ours_fn(k, x):
+        return ours.apply({"params": {"kernel": k}}, x)
+
+    def flax_fn(k, x):
+        return flax_ref.apply({"params": {"kernel": k}}, x)
+
+    def lax_fn(k, x):
+        return jax.lax.conv_transpose(x, k, (stride, stride), "SAME",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    expected = lax_fn(kernel, x)
+    assert ours_fn(kernel, x).shape == (2, 7 * stride, 7 * stride, 5)
+    np.testing.assert_allclose(ours_fn(kernel, x), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(flax_fn(kernel, x), expected, rtol=1e-5, atol=1e-5)
+
+    # Same gradients with respect to the kernel and the input.
+    cotangent = jax.random.normal(jax.random.key(2), expected.shape)
+    grads = [jax.grad(lambda k, x, f=f: (f(k, x) * cotangent).sum(), argnums=(0, 1))(kernel, x)
+             for f in (ours_fn, lax_fn)]
+    for ours_grad, ref_grad in zip(*grads):
+        np.testing.assert_allclose(ours_grad, ref_grad, rtol=1e-4, atol=1e-4)

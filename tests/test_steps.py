@@ -1,0 +1,124 @@
+"""The update: pure, deterministic, the right gradients, and it teaches D."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from digitscape_jax.config import Config
+from digitscape_jax.data import read_idx_split
+from digitscape_jax.models import sample_noise
+from digitscape_jax.steps import create_states, jit_train_step
+
+
+def to_numpy(tree):
+    return jax.tree.map(lambda x: np.array(x, copy=True), tree)
+
+
+def assert_trees_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def state_trees(g_state, d_state):
+    return (g_state.step, g_state.params, g_state.opt_state, g_state.batch_stats,
+            d_state.step, d_state.params, d_state.opt_state)
+
+
+@pytest.fixture(scope="module")
+def real_batch(mnist_idx):
+    images, _ = read_idx_split(mnist_idx, "train")
+    return jnp.asarray(images[:64, ..., None], jnp.float32) / 127.5 - 1.0
+
+
+def test_train_step_is_pure_and_deterministic(real_batch):
+    config = Config(arch="seed", batch_size=64)
+    g_state, d_state = create_states(config, jax.random.key(0))
+    key = jax.random.key(1)
+    before = to_numpy((state_trees(g_state, d_state), real_batch))
+    step = jit_train_step(config, donate=False)
+
+    first = step(g_state, d_state, real_batch, key)
+    second = step(g_state, d_state, real_batch, key)
+    assert_trees_equal(to_numpy((state_trees(*first[:2]), first[2])),
+                       to_numpy((state_trees(*second[:2]), second[2])))
+    assert_trees_equal(before, to_numpy((state_trees(g_state, d_state), real_batch)))
+    assert int(first[0].step) == int(first[1].step) == 1
+    assert set(first[2]) == {"d_loss", "g_loss", "d_real", "d_fake"}
+
+    # The donating version, used for training, computes the same.
+    donated = jit_train_step(config)(*jax.tree.map(jnp.copy, (g_state, d_state)), real_batch, key)
+    assert_trees_equal(to_numpy(state_trees(*donated[:2])), to_numpy(state_trees(*first[:2])))
+
+    # The step's randomness is folded in from the step count: the next step draws anew.
+    third = step(*first[:2], real_batch, key)
+    assert float(third[2]["d_fake"]) != float(first[2]["d_fake"])
+
+
+def test_one_forward_pass_gives_each_network_its_own_loss_gradient(real_batch):
+    """The update equals Adam applied to jax.grad of d_loss (w.r.t. D) and g_loss (w.r.t. G)."""
+    config = Config(arch="seed", batch_size=64)
+    g_state, d_state = create_states(config, jax.random.key(0))
+    key = jax.random.key(3)
+    noise_key, dropout_key = jax.random.split(jax.random.fold_in(key, 0))
+    noise = sample_noise(noise_key, "uniform", (64, 100))
+
+    def logits(g_params, d_params):
+        fake, _ = g_state.apply_fn({"params": g_params, "batch_stats": g_state.batch_stats},
+                                   noise, train=True, mutable=["batch_stats"])
+        out = d_state.apply_fn({"params": d_params}, jnp.concatenate([real_batch, fake]),
+                               train=True, rngs={"dropout": dropout_key})[:, 0]
+        return jnp.split(out, 2)
+
+    def bce(x, label):
+        return optax.sigmoid_binary_cross_entropy(x, jnp.full_like(x, label)).mean()
+
+    def d_loss(g_params, d_params):
+        real, fake = logits(g_params, d_params)
+        return (bce(real, 1.0) + bce(fake, 0.0)) / 2
+
+    def g_loss(g_params, d_params):
+        return bce(logits(g_params, d_params)[1], 1.0)
+
+    expected_d = d_state.apply_gradients(grads=jax.grad(d_loss, 1)(g_state.params, d_state.params))
+    expected_g = g_state.apply_gradients(grads=jax.grad(g_loss, 0)(g_state.params, d_state.params))
+    new_g, new_d, metrics = jit_train_step(config, donate=False)(g_state, d_state, real_batch, key)
+    # Adam's first step moves each weight by about lr * sign(grad), which magnifies float
+    # rounding in near-zero gradients: compare to 1% of one step, far below any real error.
+    tolerance = 0.01 * config.learning_rate
+    for ours, expected in ((new_g.params, expected_g.params), (new_d.params, expected_d.params)):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=tolerance),
+                     ours, expected)
+    np.testing.assert_allclose(metrics["d_loss"], d_loss(g_state.params, d_state.params), rtol=1e-6)
+    np.testing.assert_allclose(metrics["g_loss"], g_loss(g_state.params, d_state.params), rtol=1e-6)
+
+
+def discriminator_accuracy(g_state, d_state, real, key) -> float:
+    """Fraction of real and fake digits that D (in inference mode) classifies correctly."""
+    noise = sample_noise(key, "uniform", (real.shape[0], 100))
+    fake = g_state.apply_fn({"params": g_state.params, "batch_stats": g_state.batch_stats},
+                            noise, train=False)
+    real_logits = d_state.apply_fn({"params": d_state.params}, real, train=False)
+    fake_logits = d_state.apply_fn({"params": d_state.params}, fake, train=False)
+    return float(((real_logits > 0).mean() + (fake_logits < 0).mean()) / 2)
+
+
+def test_a_few_dozen_steps_teach_d_to_tell_real_from_fake(real_batch):
+    config = Config(arch="seed", batch_size=64, learning_rate=1e-3)
+    g_state, d_state = create_states(config, jax.random.key(0))
+    eval_key = jax.random.key(7)
+    before = discriminator_accuracy(g_state, d_state, real_batch, eval_key)
+    step = jit_train_step(config)
+    first_loss = None
+    for _ in range(40):
+        g_state, d_state, metrics = step(g_state, d_state, real_batch, jax.random.key(1))
+        first_loss = first_loss if first_loss is not None else float(metrics["d_loss"])
+    after = discriminator_accuracy(g_state, d_state, real_batch, eval_key)
+    assert before < 0.7
+    assert after > 0.95
+    assert float(metrics["d_loss"]) < first_loss - 0.2
+    assert float(metrics["d_real"]) > float(metrics["d_fake"]) + 0.3

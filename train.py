@@ -1,0 +1,77 @@
+"""Train the Digitscape DCGAN on MNIST: `python train.py --steps 20000`."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from digitscape_jax import cli
+from digitscape_jax.config import ARCHS, DEFAULT_ARCH, Config
+
+
+def parse_args(argv: Sequence[str] | None = None):
+    defaults = Config()
+    p = cli.ArgumentParser(
+        description="Train a DCGAN on MNIST. Rerunning the same command resumes from the "
+                    "latest checkpoint in --ckpt-dir and trains up to --steps in total.",
+        formatter_class=cli.argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--steps", type=cli.positive_int, default=defaults.steps,
+                   help="total number of updates (of both G and D) to train to")
+    p.add_argument("--arch", choices=sorted(ARCHS), default=DEFAULT_ARCH,
+                   help="'seed': the original Keras model (widths 8/8/16, D 16/32, U[0,1) noise); "
+                        "'dcgan': the TensorFlow tutorial widths (256/128/64, D 64/128, N(0,1) noise)")
+    p.add_argument("--batch-size", type=cli.positive_int, default=None,
+                   help="images per update; default: the arch's (seed 64, dcgan 256)")
+    p.add_argument("--lr", type=cli.positive_float, default=defaults.learning_rate,
+                   help="Adam learning rate of both G and D")
+    p.add_argument("--beta1", type=cli.unit_interval, default=defaults.beta1, help="Adam beta1")
+    p.add_argument("--beta2", type=cli.unit_interval, default=defaults.beta2, help="Adam beta2")
+    p.add_argument("--latent-dim", type=cli.positive_int, default=defaults.latent_dim,
+                   help="size of the generator's noise input")
+    p.add_argument("--seed", type=cli.non_negative_int, default=defaults.seed,
+                   help="seed of the initialisation, the data order and every random draw")
+    p.add_argument("--ckpt-dir", type=Path, default=Path("ckpt"),
+                   help="checkpoints (last 3 kept), metrics.jsonl, real_images.png and the final "
+                        "generated_images.png")
+    p.add_argument("--samples-dir", type=Path, default=Path("generated_images"),
+                   help="where a row of 10 digits from fixed noise is written every --sample-every "
+                        "steps, as generated_images_<step>.png")
+    p.add_argument("--log-every", type=cli.positive_int, default=defaults.log_every,
+                   help="steps between progress lines and metrics.jsonl records")
+    p.add_argument("--sample-every", type=cli.positive_int, default=defaults.sample_every,
+                   help="steps between sample rows")
+    p.add_argument("--ckpt-every", type=cli.positive_int, default=defaults.ckpt_every,
+                   help="steps between checkpoints; one is always written at the end")
+    p.add_argument("--mnist-idx", default=None, metavar="DIR",
+                   help="offline source: a folder with the four MNIST IDX .gz files "
+                        "(train-images-idx3-ubyte.gz, ...), prepared once into --data-dir")
+    p.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="tensorflow-datasets data dir (default: tfds's, ~/tensorflow_datasets)")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    config = Config(
+        arch=args.arch,
+        latent_dim=args.latent_dim,
+        batch_size=args.batch_size or ARCHS[args.arch].batch_size,
+        learning_rate=args.lr,
+        beta1=args.beta1,
+        beta2=args.beta2,
+        seed=args.seed,
+        steps=args.steps,
+        log_every=args.log_every,
+        sample_every=args.sample_every,
+        ckpt_every=args.ckpt_every,
+    )
+    # Imported here so that --help and flag errors answer without loading JAX and TensorFlow.
+    from digitscape_jax.trainer import RunPaths, train
+
+    train(config, RunPaths(args.ckpt_dir, args.samples_dir, args.data_dir, args.mnist_idx))
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))
