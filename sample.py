@@ -13,7 +13,7 @@ def parse_args(argv: Sequence[str] | None = None):
     p = cli.ArgumentParser(
         description="Generate digits from a checkpoint directory written by train.py; the "
                     "model is rebuilt from the config saved with the checkpoint.",
-        formatter_class=cli.argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=cli.HelpFormatter,
     )
     p.add_argument("--ckpt", type=Path, required=True, help="checkpoint directory of a run")
     p.add_argument("--step", type=cli.positive_int, default=None,
@@ -32,14 +32,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     import jax
     import numpy as np
-    from absl import logging
-
-    logging.set_verbosity(logging.ERROR)  # orbax warns that a read-only directory is read-only
 
     from digitscape_jax.plots import grid_shape, save_grid
     from digitscape_jax.sampling import generate, load_generator
 
-    config, variables, step = load_generator(args.ckpt, args.step)
+    config, variables, step = load_generator(args.ckpt, args.step, warn=cli.warn)
     images = generate(config, variables, jax.random.key(args.seed), args.n)
     save_grid(args.out, images, *grid_shape(args.n))
     print(f"{args.n} digits from {args.ckpt} (step {step}, arch {config.arch}) -> {args.out}")

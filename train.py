@@ -15,7 +15,7 @@ def parse_args(argv: Sequence[str] | None = None):
     p = cli.ArgumentParser(
         description="Train a DCGAN on MNIST. Rerunning the same command resumes from the "
                     "latest checkpoint in --ckpt-dir and trains up to --steps in total.",
-        formatter_class=cli.argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=cli.HelpFormatter,
     )
     p.add_argument("--steps", type=cli.positive_int, default=defaults.steps,
                    help="total number of updates (of both G and D) to train to")
@@ -52,9 +52,9 @@ def parse_args(argv: Sequence[str] | None = None):
     return p.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
-    config = Config(
+def config_from_args(args) -> Config:
+    """The run's Config from parsed flags; the arch decides the default batch size."""
+    return Config(
         arch=args.arch,
         latent_dim=args.latent_dim,
         batch_size=args.batch_size or ARCHS[args.arch].batch_size,
@@ -67,6 +67,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         sample_every=args.sample_every,
         ckpt_every=args.ckpt_every,
     )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    config = config_from_args(args)
     # Imported here so that --help and flag errors answer without loading JAX and TensorFlow.
     from digitscape_jax.trainer import RunPaths, train
 

@@ -6,20 +6,25 @@ complete, so a crash mid-save never leaves a checkpoint that looks whole.
 
 from __future__ import annotations
 
+import itertools
+import os
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
 from flax.training import train_state
 
 from digitscape_jax.config import Config
-from digitscape_jax.errors import UserError
+from digitscape_jax.errors import CorruptCheckpoint, UserError
 from digitscape_jax.steps import GeneratorState, create_states
 
 KEEP_LAST = 3
+LOCK_FILE = "train.lock"
+T = TypeVar("T")
 MAX_ERROR_CHARS = 200  # tensorstore's messages run to kilobytes on one line.
 
 
@@ -66,7 +71,7 @@ class Checkpointer:
             raise UserError(f"checkpoint directory {directory} {problem}")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None if read_only else KEEP_LAST, save_interval_steps=0 if read_only else 1,
-            create=not read_only, read_only=read_only,
+            create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only,
             enable_async_checkpointing=False,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
@@ -89,16 +94,43 @@ class Checkpointer:
         ))
         self._manager.wait_until_finished()
 
-    def resolve_step(self, step: int | None) -> int:
-        """`step`, or the latest one when None; a clear error when there is none."""
+    def load(self, step: int | None, read: Callable[[int], T],
+             warn: Callable[[str], None]) -> tuple[int, T]:
+        """`read(step)`, or, when `step` is None, `read` of the newest step it succeeds on.
+
+        A corrupt newer step is skipped with a warning that names it; if no step
+        is readable, or there is none, that is an error: never a silent fresh start.
+        """
         steps = self.all_steps()
         if not steps:
             raise UserError(f"{self.directory} holds no checkpoint")
-        if step is None:
-            return max(steps)
-        if step not in steps:
-            raise UserError(f"{self.directory} has no checkpoint at step {step}; it has {steps}")
-        return step
+        if step is not None:
+            if step not in steps:
+                raise UserError(f"{self.directory} has no checkpoint at step {step}; it has {steps}")
+            return step, read(step)
+        for candidate in sorted(steps, reverse=True):
+            try:
+                return candidate, read(candidate)
+            except CorruptCheckpoint as e:
+                warn(f"warning: {e}; trying an older one")
+        raise UserError(f"no readable checkpoint in {self.directory} (steps {steps} are all corrupt)")
+
+    def set_aside_after(self, step: int) -> list[Path]:
+        """Renames the steps newer than `step` to `<step>.corrupt`, out of the way of new saves.
+
+        Nothing is deleted: a damaged checkpoint stays on disk for inspection.
+        """
+        moved = []
+        for newer in (s for s in self.all_steps() if s > step):
+            target = self.directory / f"{newer}.corrupt"
+            for n in itertools.count(2):
+                if not target.exists():
+                    break
+                target = self.directory / f"{newer}.corrupt-{n}"
+            os.replace(self.directory / str(newer), target)
+            moved.append(target)
+        self._manager.reload()
+        return moved
 
     def _restore(self, step: int, **items: ocp.args.CheckpointArgs) -> Any:
         """Reads the named items of one step; any failure to read is the checkpoint's fault."""
@@ -107,7 +139,7 @@ class Checkpointer:
             return self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # orbax and tensorstore raise many types for unreadable data
             message = textwrap.shorten(str(e) or type(e).__name__, MAX_ERROR_CHARS)
-            raise UserError(f"checkpoint {self.directory / str(step)} is unreadable: {message}") from None
+            raise CorruptCheckpoint(f"checkpoint {self.directory / str(step)} is unreadable: {message}") from None
 
     def load_config(self, step: int) -> Config:
         return Config.from_json(self._restore(step, config=ocp.args.JsonRestore())["config"])
@@ -123,3 +155,57 @@ class Checkpointer:
         """G's state alone, for sampling."""
         g_abstract, _ = abstract
         return self._restore(step, g_state=ocp.args.StandardRestore(g_abstract))["g_state"]
+
+
+class RunLock:
+    """Lets one train.py at a time write to a checkpoint directory.
+
+    The lock is a file holding the writer's pid, created atomically; a lock
+    left by a process that no longer runs is taken over.
+    """
+
+    def __init__(self, directory: str | Path):
+        self.path = Path(directory) / LOCK_FILE
+        self._created_directory = False
+
+    def __enter__(self) -> RunLock:
+        self._created_directory = not self.path.parent.exists()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is not None and _is_running(holder):
+                    raise UserError(
+                        f"{self.path.parent} is in use by another train.py (pid {holder}); "
+                        "wait for it to finish, stop it, or use another --ckpt-dir"
+                    ) from None
+                self.path.unlink(missing_ok=True)  # stale: its writer is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.getpid()}\n")
+            return self
+        raise UserError(f"could not lock {self.path.parent}: another train.py is starting there")
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._holder() == os.getpid():
+            self.path.unlink(missing_ok=True)
+        if self._created_directory and not any(self.path.parent.iterdir()):
+            self.path.parent.rmdir()  # a run that failed before writing anything leaves no trace
+
+    def _holder(self) -> int | None:
+        try:
+            return int(self.path.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True

@@ -9,11 +9,25 @@ from collections.abc import Callable, Sequence
 from digitscape_jax.errors import UserError
 
 
+def one_line(text: str) -> str:
+    """`text` with control characters (newlines among them) escaped, so it prints as one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except where there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.required:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad flag gets one line on stderr (exit 2), not the usage block."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see --help)\n")
 
 
 def positive_int(text: str) -> int:
@@ -57,10 +71,20 @@ def unit_interval(text: str) -> float:
 
 
 def run(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> int:
-    """Runs a command's `main`, turning a UserError into one line on stderr and exit code 1."""
+    """Runs a command's `main`: a UserError becomes one line on stderr and exit code 1."""
+    from absl import logging  # tfds and orbax log routine warnings through absl
+
+    logging.set_verbosity(logging.ERROR)
     try:
         main(argv)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # a second Ctrl-C, after the first asked for a clean stop
+        print("interrupted; the last checkpoint is intact", file=sys.stderr)
+        return 130
     return 0
+
+
+def warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

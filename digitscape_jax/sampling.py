@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -44,10 +44,19 @@ def generate(config: Config, variables: Mapping[str, Any], key: jax.Array, n: in
     return np.concatenate(chunks) if chunks else np.zeros((0, 28, 28), np.uint8)
 
 
-def load_generator(ckpt_dir: str, step: int | None = None) -> tuple[Config, dict[str, Any], int]:
-    """The config, G variables and step of a checkpoint, from its directory alone."""
+def load_generator(ckpt_dir: str, step: int | None = None,
+                   warn: Callable[[str], None] = print) -> tuple[Config, dict[str, Any], int]:
+    """The config, G variables and step of a checkpoint, from its directory alone.
+
+    Without `step`, the newest readable checkpoint: a corrupt newer one is
+    skipped with a warning.
+    """
     ckpt = Checkpointer(ckpt_dir, read_only=True)
-    step = ckpt.resolve_step(step)
-    config = ckpt.load_config(step)
-    g_state = ckpt.restore_generator(step, abstract_states(config))
-    return config, {"params": g_state.params, "batch_stats": g_state.batch_stats}, step
+
+    def read(step: int) -> tuple[Config, dict[str, Any]]:
+        config = ckpt.load_config(step)
+        g_state = ckpt.restore_generator(step, abstract_states(config))
+        return config, {"params": g_state.params, "batch_stats": g_state.batch_stats}
+
+    step, (config, variables) = ckpt.load(step, read, warn)
+    return config, variables, step

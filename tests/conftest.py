@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -45,3 +46,28 @@ def small_idx(tmp_path: Path) -> tuple[Path, dict[str, tuple[np.ndarray, np.ndar
         write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", 2049, labels)
         arrays[split] = (images, labels)
     return folder, arrays
+
+
+TRAIN_FLAGS = ["--arch", "seed", "--steps", "30", "--log-every", "10", "--sample-every", "10",
+               "--ckpt-every", "10"]
+
+
+def run_script(script: str, *args, cwd: Path) -> subprocess.CompletedProcess:
+    """Runs train.py or sample.py in a fresh process, as a user would."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, mnist_idx):
+    """`train.py` from nothing: prepares MNIST from the IDX files, trains 30 steps of `seed`.
+
+    Returns the working directory (with `ckpt/`, `generated_images/` and the tfds
+    data dir `tfds/`) and the finished process.
+    """
+    workdir = tmp_path_factory.mktemp("run")
+    result = run_script("train.py", *TRAIN_FLAGS, "--mnist-idx", mnist_idx,
+                        "--data-dir", workdir / "tfds", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    return workdir, result

@@ -3,46 +3,23 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO
+from conftest import TRAIN_FLAGS, run_script
 from digitscape_jax import cli, data
 from digitscape_jax.plots import GRID_PAD
 
 import sample
 import train
 
-TRAIN_FLAGS = ["--arch", "seed", "--steps", "30", "--log-every", "10", "--sample-every", "10",
-               "--ckpt-every", "10"]
-
-
-def run_script(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
-
 
 def grid_size(rows: int, cols: int) -> tuple[int, int]:
     """(width, height) of a saved grid of 28x28 digits."""
     return cols * (28 + GRID_PAD) - GRID_PAD, rows * (28 + GRID_PAD) - GRID_PAD
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, mnist_idx):
-    """`train.py` from nothing: prepares MNIST from the IDX files, trains 30 steps of `seed`."""
-    workdir = tmp_path_factory.mktemp("run")
-    result = run_script("train.py", *TRAIN_FLAGS, "--mnist-idx", mnist_idx,
-                        "--data-dir", workdir / "tfds", cwd=workdir)
-    assert result.returncode == 0, result.stderr
-    return workdir, result
 
 
 def test_train_writes_every_output(trained_run):
@@ -170,8 +147,8 @@ def test_sample_rejects_bad_ckpt(capsys, tmp_path, trained_run, case):
     if case == "empty":
         target.mkdir()
     elif case == "not_a_checkpoint":
-        (target / "7").mkdir(parents=True)
-        (target / "7" / "notes.txt").write_text("not a checkpoint")
+        (target / "pictures").mkdir(parents=True)
+        (target / "notes.txt").write_text("not a checkpoint")
     elif case == "a_file":
         target.write_text("not a directory")
     elif case == "bad_step":
@@ -181,6 +158,15 @@ def test_sample_rejects_bad_ckpt(capsys, tmp_path, trained_run, case):
     message = one_line_error(capsys)
     assert message.startswith("error: ") and str(target.name) in message
     assert not (tmp_path / "s.png").exists()
+
+
+def test_sample_names_a_step_directory_that_is_not_a_checkpoint(capsys, tmp_path):
+    (tmp_path / "ckpt" / "7").mkdir(parents=True)
+    (tmp_path / "ckpt" / "7" / "notes.txt").write_text("not a checkpoint")
+    assert cli.run(sample.main, ["--ckpt", str(tmp_path / "ckpt")]) == 1
+    warning, error = capsys.readouterr().err.strip().splitlines()
+    assert warning.startswith(f"warning: checkpoint {tmp_path / 'ckpt' / '7'} is unreadable")
+    assert error == f"error: no readable checkpoint in {tmp_path / 'ckpt'} (steps [7] are all corrupt)"
 
 
 def test_cli_errors_are_one_line_in_a_real_process(tmp_path):

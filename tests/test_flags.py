@@ -1,0 +1,71 @@
+"""Property test: any command line gets either accepted or one line of error with exit code 2."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from digitscape_jax.errors import UserError
+
+import sample
+import train
+
+TRAIN_FLAGS = ["--steps", "--arch", "--batch-size", "--lr", "--beta1", "--beta2", "--latent-dim",
+               "--seed", "--ckpt-dir", "--samples-dir", "--log-every", "--sample-every",
+               "--ckpt-every", "--mnist-idx", "--data-dir"]
+SAMPLE_FLAGS = ["--ckpt", "--step", "--n", "--seed", "--out", "--npz"]
+
+values = st.one_of(
+    st.text(max_size=12),
+    st.integers(min_value=-10**30, max_value=10**30).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.sampled_from(["0", "-1", "1e309", "nan", "inf", "-inf", "1_000", " 7", "0x10", "seed",
+                     "dcgan", "", "--steps", "\x00", "１２"]),
+)
+
+
+def command_lines(flags: list[str]):
+    pair = st.tuples(st.sampled_from(flags + ["--bogus", "-x"]), values)
+    return st.lists(pair, max_size=5).map(lambda pairs: [t for p in pairs for t in p])
+
+
+def check(parse, argv: list[str], capsys) -> object | None:
+    """Parses `argv`; a rejection must be exit code 2 with exactly one line on stderr."""
+    try:
+        return parse(argv)
+    except SystemExit as e:
+        err = capsys.readouterr().err
+        assert e.code == 2, (argv, err)
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, (argv, err)
+        assert "error:" in err
+        return None
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(argv=command_lines(TRAIN_FLAGS))
+def test_train_flags_are_accepted_or_refused_in_one_line(argv, capsys):
+    args = check(train.parse_args, argv, capsys)
+    if args is not None:
+        try:  # an accepted command line makes a valid Config, or a one-line UserError
+            config = train.config_from_args(args)
+        except UserError:
+            return
+        assert config.steps > 0 and config.batch_size > 0 and config.learning_rate > 0
+        assert 0 <= config.beta1 < 1 and 0 <= config.beta2 < 1
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(argv=command_lines(SAMPLE_FLAGS).map(lambda a: ["--ckpt", "c"] + a))
+def test_sample_flags_are_accepted_or_refused_in_one_line(argv, capsys):
+    args = check(sample.parse_args, argv, capsys)
+    if args is not None:
+        assert args.n > 0 and args.seed >= 0 and (args.step is None or args.step > 0)
+
+
+@pytest.mark.parametrize("parse", [train.parse_args, sample.parse_args])
+def test_help_answers_without_error(parse, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse(["--help"])
+    assert exit_info.value.code == 0
+    assert "--seed" in capsys.readouterr().out
