@@ -33,8 +33,8 @@ def parse_args(argv: Sequence[str] | None = None):
     p.add_argument("--seed", type=cli.non_negative_int, default=defaults.seed,
                    help="seed of the initialisation, the data order and every random draw")
     p.add_argument("--ckpt-dir", type=Path, default=Path("ckpt"),
-                   help="checkpoints (last 3 kept), metrics.jsonl, real_images.png and the final "
-                        "generated_images.png")
+                   help="checkpoints (last 3 kept), metrics.jsonl, losses.png, progress.gif, "
+                        "real_images.png and the final generated_images.png")
     p.add_argument("--samples-dir", type=Path, default=Path("generated_images"),
                    help="where a row of 10 digits from fixed noise is written every --sample-every "
                         "steps, as generated_images_<step>.png")
@@ -49,6 +49,9 @@ def parse_args(argv: Sequence[str] | None = None):
                         "(train-images-idx3-ubyte.gz, ...), prepared once into --data-dir")
     p.add_argument("--data-dir", default=None, metavar="DIR",
                    help="tensorflow-datasets data dir (default: tfds's, ~/tensorflow_datasets)")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard events (scalars and sample rows) to "
+                        "<ckpt-dir>/tensorboard")
     return p.parse_args(argv)
 
 
@@ -75,7 +78,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     # Imported here so that --help and flag errors answer without loading JAX and TensorFlow.
     from digitscape_jax.trainer import RunPaths, train
 
-    train(config, RunPaths(args.ckpt_dir, args.samples_dir, args.data_dir, args.mnist_idx))
+    train(config, RunPaths(args.ckpt_dir, args.samples_dir, args.data_dir, args.mnist_idx,
+                           args.tensorboard))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from digitscape_jax.errors import UserError
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -35,3 +37,29 @@ def format_metrics(metrics: dict[str, float]) -> str:
     """One readable line: d_loss, g_loss, D(x) and D(G(z))."""
     return (f"d_loss {metrics['d_loss']:.4f}  g_loss {metrics['g_loss']:.4f}  "
             f"D(x) {metrics['d_real']:.3f}  D(G(z)) {metrics['d_fake']:.3f}")
+
+
+class TensorBoardLog:
+    """TensorBoard event files: the logged scalars and the sample grids, through tf.summary."""
+
+    def __init__(self, directory: str | Path):
+        try:
+            import tensorboard  # noqa: F401  (tf.summary writes through it)
+        except ImportError:
+            raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+        import tensorflow as tf
+
+        self._tf = tf
+        self._writer = tf.summary.create_file_writer(str(directory))
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        with self._writer.as_default(step=step):
+            for name, value in values.items():
+                self._tf.summary.scalar(name, value)
+        self._writer.flush()
+
+    def image(self, step: int, name: str, grid) -> None:
+        """`grid`: a uint8 (H, W) image."""
+        with self._writer.as_default(step=step):
+            self._tf.summary.image(name, grid[None, :, :, None])
+        self._writer.flush()

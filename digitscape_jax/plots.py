@@ -38,3 +38,48 @@ def save_grid(path: str | Path, images: np.ndarray, rows: int, cols: int) -> Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image_grid(images, rows, cols), mode="L").save(path)
     return path
+
+
+def save_gif(path: str | Path, frames: list[np.ndarray], frame_ms: int = 400) -> Path:
+    """Writes uint8 grayscale frames as a looping GIF."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images = [Image.fromarray(frame, mode="L") for frame in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=frame_ms, loop=0)
+    return path
+
+
+def gif_frames(path: str | Path) -> list[np.ndarray]:
+    """The frames of a GIF as uint8 grayscale arrays."""
+    with Image.open(path) as gif:
+        frames = []
+        for index in range(gif.n_frames):
+            gif.seek(index)
+            frames.append(np.asarray(gif.convert("L")))
+    return frames
+
+
+LOSS_PANELS = (("loss", ("d_loss", "g_loss")), ("discriminator output", ("d_real", "d_fake")))
+LABELS = {"d_loss": "d_loss", "g_loss": "g_loss", "d_real": "D(x)", "d_fake": "D(G(z))"}
+
+
+def plot_losses(records: list[dict], path: str | Path) -> Path:
+    """Draws the losses and D's mean outputs against step, from metrics.jsonl records."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    steps = [r["step"] for r in records]
+    fig, axes = plt.subplots(1, len(LOSS_PANELS), figsize=(10, 3.5), constrained_layout=True)
+    for ax, (title, keys) in zip(axes, LOSS_PANELS):
+        for key in keys:
+            ax.plot(steps, [r[key] for r in records], label=LABELS[key])
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from digitscape_jax.checkpointing import Checkpointer, abstract_states
 from digitscape_jax.config import Config
+from digitscape_jax.errors import UserError
+from digitscape_jax.export import load_msgpack
 from digitscape_jax.models import Generator, sample_noise
 
 SAMPLE_BATCH = 1000
+WALK_POINTS = 4  # Random latent points that each interpolation walk passes through.
 
 
 def to_uint8(images: jax.Array) -> jax.Array:
@@ -28,6 +31,14 @@ def render(generator: Generator, variables: Mapping[str, Any], noise: jax.Array)
     return to_uint8(generator.apply(variables, noise, train=False))
 
 
+def render_batches(config: Config, variables: Mapping[str, Any],
+                   noise_batches: Iterable[jax.Array]) -> np.ndarray:
+    """uint8 digits (N, 28, 28) from noise given a batch at a time, to bound memory."""
+    generator = Generator(config.spec)
+    chunks = [np.asarray(render(generator, variables, noise)) for noise in noise_batches]
+    return np.concatenate(chunks) if chunks else np.zeros((0, 28, 28), np.uint8)
+
+
 def generate(config: Config, variables: Mapping[str, Any], key: jax.Array, n: int,
              batch_size: int = SAMPLE_BATCH) -> np.ndarray:
     """`n` digits as uint8 (n, 28, 28), drawn `batch_size` at a time.
@@ -35,23 +46,27 @@ def generate(config: Config, variables: Mapping[str, Any], key: jax.Array, n: in
     Batch i's noise comes from `fold_in(key, i)`, so the result depends only on
     (key, n, batch_size), and memory stays bounded however large `n` is.
     """
-    generator = Generator(config.spec)
-    chunks = []
-    for i, start in enumerate(range(0, n, batch_size)):
-        size = min(batch_size, n - start)
-        noise = sample_noise(jax.random.fold_in(key, i), config.spec.noise, (size, config.latent_dim))
-        chunks.append(np.asarray(render(generator, variables, noise)))
-    return np.concatenate(chunks) if chunks else np.zeros((0, 28, 28), np.uint8)
+    return render_batches(config, variables, (
+        sample_noise(jax.random.fold_in(key, i), config.spec.noise,
+                     (min(batch_size, n - start), config.latent_dim))
+        for i, start in enumerate(range(0, n, batch_size))))
 
 
-def load_generator(ckpt_dir: str, step: int | None = None,
+def load_generator(source: str | Path, step: int | None = None,
                    warn: Callable[[str], None] = print) -> tuple[Config, dict[str, Any], int]:
-    """The config, G variables and step of a checkpoint, from its directory alone.
+    """The config, G variables and step of a checkpoint directory or a `--export` file.
 
-    Without `step`, the newest readable checkpoint: a corrupt newer one is
-    skipped with a warning.
+    From a directory without `step`, the newest readable checkpoint: a corrupt
+    newer one is skipped with a warning.
     """
-    ckpt = Checkpointer(ckpt_dir, read_only=True)
+    source = Path(source)
+    if source.is_file():
+        if step is not None:
+            raise UserError(f"--step picks a checkpoint, but {source} is an exported generator")
+        return load_msgpack(source)
+    from digitscape_jax.checkpointing import Checkpointer, abstract_states  # needs Orbax
+
+    ckpt = Checkpointer(source, read_only=True)
 
     def read(step: int) -> tuple[Config, dict[str, Any]]:
         config = ckpt.load_config(step)
@@ -60,3 +75,41 @@ def load_generator(ckpt_dir: str, step: int | None = None,
 
     step, (config, variables) = ckpt.load(step, read, warn)
     return config, variables, step
+
+
+def slerp(a: jax.Array, b: jax.Array, t: jax.Array) -> jax.Array:
+    """Spherical interpolation, which keeps N(0, 1) noise at a typical norm."""
+    cos = jnp.sum(a * b, -1, keepdims=True) / (
+        jnp.linalg.norm(a, axis=-1, keepdims=True) * jnp.linalg.norm(b, axis=-1, keepdims=True))
+    omega = jnp.arccos(jnp.clip(cos, -1.0, 1.0))
+    sin = jnp.sin(omega)
+    safe = sin > 1e-6  # nearly parallel: plain lerp is exact enough
+    wa = jnp.where(safe, jnp.sin((1 - t) * omega) / jnp.where(safe, sin, 1.0), 1 - t)
+    wb = jnp.where(safe, jnp.sin(t * omega) / jnp.where(safe, sin, 1.0), t)
+    return wa * a + wb * b
+
+
+def latent_walks(key: jax.Array, config: Config, walks: int, frames: int) -> jax.Array:
+    """Noise (walks, frames, latent_dim): each walk loops through WALK_POINTS random points.
+
+    Slerp between N(0, 1) points, lerp between U[0, 1) ones (which stays in the
+    unit cube); the last frame leads back to the first, so a GIF of it loops.
+    """
+    points = sample_noise(key, config.spec.noise, (walks, WALK_POINTS, config.latent_dim))
+    position = jnp.arange(frames) * WALK_POINTS / frames  # along the closed loop
+    segment = jnp.floor(position).astype(jnp.int32)
+    t = (position - segment)[None, :, None]
+    start = points[:, segment]
+    end = points[:, (segment + 1) % WALK_POINTS]
+    if config.spec.noise == "normal":
+        return slerp(start, end, t)
+    return start + t * (end - start)
+
+
+def render_walks(config: Config, variables: Mapping[str, Any], key: jax.Array, walks: int,
+                 frames: int) -> np.ndarray:
+    """uint8 digits (walks, frames, 28, 28) along `latent_walks`."""
+    noise = latent_walks(key, config, walks, frames).reshape(walks * frames, config.latent_dim)
+    images = render_batches(config, variables, (
+        noise[i:i + SAMPLE_BATCH] for i in range(0, len(noise), SAMPLE_BATCH)))
+    return images.reshape(walks, frames, 28, 28)

@@ -9,27 +9,34 @@ from __future__ import annotations
 
 import dataclasses
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
+from PIL import Image
 
 from digitscape_jax import cli, data
 from digitscape_jax.checkpointing import Checkpointer, RunLock, abstract_states
 from digitscape_jax.config import Config
 from digitscape_jax.errors import TrainingDiverged, UserError
-from digitscape_jax.metrics import MetricsLog, format_metrics
+from digitscape_jax.metrics import MetricsLog, TensorBoardLog, format_metrics
 from digitscape_jax.models import Generator, sample_noise
-from digitscape_jax.plots import save_grid
+from digitscape_jax.plots import plot_losses, save_gif, save_grid
+from digitscape_jax.progress import Progress, format_duration
 from digitscape_jax.sampling import render
-from digitscape_jax.steps import create_states, jit_train_step
+from digitscape_jax.steps import GeneratorState, create_states, jit_train_step
 
 REAL_IMAGES = "real_images.png"
 FINAL_GRID = "generated_images.png"
+PROGRESS_GIF = "progress.gif"
+LOSSES_PLOT = "losses.png"
+TENSORBOARD_DIR = "tensorboard"
 ROW_LENGTH = 10  # Digits in each periodic sample row, as in the original.
 FINAL_ROWS, FINAL_COLS = 4, 4
 
@@ -42,6 +49,65 @@ class RunPaths:
     samples_dir: Path
     data_dir: str | None = None
     mnist_idx: str | None = None
+    tensorboard: bool = False
+
+    def sample_row(self, step: int) -> Path:
+        return self.samples_dir / f"generated_images_{step}.png"
+
+
+class RunOutputs:
+    """The pictures and logs of a run, written at its logging and sampling points only."""
+
+    def __init__(self, config: Config, paths: RunPaths, sample_key: jax.Array):
+        self.config, self.paths = config, paths
+        self.generator = Generator(config.spec)
+        self.fixed_noise = sample_noise(sample_key, config.spec.noise,
+                                        (FINAL_ROWS * FINAL_COLS, config.latent_dim))
+        self.metrics = MetricsLog(paths.ckpt_dir)
+        self.tensorboard = (TensorBoardLog(paths.ckpt_dir / TENSORBOARD_DIR)
+                            if paths.tensorboard else None)
+
+    def log(self, record: dict[str, float]) -> None:
+        self.metrics.append(record)
+        if self.tensorboard:
+            self.tensorboard.scalars(record["step"], {k: v for k, v in record.items() if k != "step"})
+
+    def digits(self, g_state: GeneratorState, n: int) -> np.ndarray:
+        variables = {"params": g_state.params, "batch_stats": g_state.batch_stats}
+        return jax.device_get(render(self.generator, variables, self.fixed_noise[:n]))
+
+    def sample(self, step: int, g_state: GeneratorState) -> None:
+        """The fixed-noise row of `step`, and the GIF and loss curves up to it."""
+        row = self.paths.sample_row(step)
+        save_grid(row, self.digits(g_state, ROW_LENGTH), 1, ROW_LENGTH)
+        if self.tensorboard:
+            self.tensorboard.image(step, "samples", np.asarray(Image.open(row)))
+        steps = range(self.config.sample_every, step + 1, self.config.sample_every)
+        frames = [np.asarray(Image.open(self.paths.sample_row(s)))
+                  for s in steps if self.paths.sample_row(s).exists()]
+        save_gif(self.paths.ckpt_dir / PROGRESS_GIF, frames)
+        self.plot()
+
+    def plot(self) -> None:
+        records = self.metrics.read()
+        if records:
+            plot_losses(records, self.paths.ckpt_dir / LOSSES_PLOT)
+
+    def finish(self, g_state: GeneratorState) -> None:
+        save_grid(self.paths.ckpt_dir / FINAL_GRID,
+                  self.digits(g_state, FINAL_ROWS * FINAL_COLS), FINAL_ROWS, FINAL_COLS)
+        self.plot()
+
+    def where(self) -> list[tuple[str, Path]]:
+        """Every output of the run, for the closing summary."""
+        ckpt, samples = self.paths.ckpt_dir, self.paths.samples_dir
+        places = [("checkpoints", ckpt), ("metrics", self.metrics.path),
+                  ("loss curves", ckpt / LOSSES_PLOT), ("progress GIF", ckpt / PROGRESS_GIF),
+                  ("real digits", ckpt / REAL_IMAGES), ("final grid", ckpt / FINAL_GRID),
+                  ("sample rows", samples / "generated_images_<step>.png")]
+        if self.tensorboard:
+            places.append(("TensorBoard", ckpt / TENSORBOARD_DIR))
+        return places
 
 
 def data_parallel_mesh(batch_size: int) -> jax.sharding.Mesh:
@@ -87,14 +153,15 @@ class StopRequest:
         self.signal_name = signal.Signals(signum).name
 
 
-def train(config: Config, paths: RunPaths, log: Callable[[str], None] = print,
+def train(config: Config, paths: RunPaths, stream: TextIO | None = None,
           warn: Callable[[str], None] = cli.warn) -> int:
     """Trains up to `config.steps` updates, resuming from the newest readable checkpoint.
 
-    Returns the step it stopped at: `config.steps`, or earlier on SIGTERM/SIGINT.
+    Progress goes to `stream` (stdout by default), warnings to `warn`. Returns
+    the step it stopped at: `config.steps`, or earlier on SIGTERM/SIGINT.
     """
     with RunLock(paths.ckpt_dir), StopRequest() as stop:
-        return _train(config, paths, log, warn, stop)
+        return _train(config, paths, stream or sys.stdout, warn, stop)
 
 
 def _resume(config: Config, ckpt: Checkpointer, abstract: Any, warn: Callable[[str], None]):
@@ -112,8 +179,8 @@ def _resume(config: Config, ckpt: Checkpointer, abstract: Any, warn: Callable[[s
     return step, states
 
 
-def _train(config: Config, paths: RunPaths, log: Callable[[str], None],
-           warn: Callable[[str], None], stop: StopRequest) -> int:
+def _train(config: Config, paths: RunPaths, stream: TextIO, warn: Callable[[str], None],
+           stop: StopRequest) -> int:
     mesh = data_parallel_mesh(config.batch_size)
     replicated = NamedSharding(mesh, PartitionSpec())
     batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
@@ -121,30 +188,25 @@ def _train(config: Config, paths: RunPaths, log: Callable[[str], None],
     ckpt = Checkpointer(paths.ckpt_dir)
     start, states = _resume(config, ckpt, abstract_states(config, replicated), warn)
     if start >= config.steps:
-        log(f"{paths.ckpt_dir} is already at step {start} >= --steps {config.steps}: nothing to do")
+        print(f"{paths.ckpt_dir} is already at step {start} >= --steps {config.steps}: "
+              "nothing to do", file=stream)
         return start
 
     data.prepare_mnist(paths.data_dir, paths.mnist_idx)
     images, _ = data.load_split("train", paths.data_dir)
     init_key, step_key, sample_key = jax.random.split(jax.random.key(config.seed), 3)
-    metrics_log = MetricsLog(paths.ckpt_dir)
+    outputs = RunOutputs(config, paths, sample_key)
+    progress = Progress(start, config.steps, stream)
     if states is None:
         g_state, d_state = jax.device_put(create_states(config, init_key), replicated)
         save_grid(paths.ckpt_dir / REAL_IMAGES, images[:ROW_LENGTH], 1, ROW_LENGTH)
     else:
         g_state, d_state = states
-        metrics_log.truncate_after(start)
-        log(f"resuming {paths.ckpt_dir} from step {start}")
-
-    log(f"training {config.arch} on {jax.device_count()} {jax.devices()[0].platform} device(s), "
-        f"batch {config.batch_size}, steps {start + 1}..{config.steps}")
-    generator = Generator(config.spec)
-    fixed_noise = sample_noise(sample_key, config.spec.noise,
-                               (FINAL_ROWS * FINAL_COLS, config.latent_dim))
-
-    def sample_grid(path: Path, n: int, rows: int, cols: int) -> None:
-        variables = {"params": g_state.params, "batch_stats": g_state.batch_stats}
-        save_grid(path, jax.device_get(render(generator, variables, fixed_noise[:n])), rows, cols)
+        outputs.metrics.truncate_after(start)
+        progress.write(f"resuming {paths.ckpt_dir} from step {start}")
+    progress.write(f"training {config.arch} on {jax.device_count()} "
+                   f"{jax.devices()[0].platform} device(s), batch {config.batch_size}, "
+                   f"steps {start + 1}..{config.steps}")
 
     last_finite = start
 
@@ -168,37 +230,54 @@ def _train(config: Config, paths: RunPaths, log: Callable[[str], None],
     compile_start = time.perf_counter()
     first_step_s = interval_start = 0.0
     interval_steps = 0
-    for step in range(start + 1, config.steps + 1):
-        g_state, d_state, metrics = step_fn(g_state, d_state, next(batches), step_key)
-        if step == start + 1:  # Time steps from here on: the first one includes compiling.
-            jax.block_until_ready(metrics)
-            first_step_s = time.perf_counter() - compile_start
-            log(f"first step (with compilation) took {first_step_s:.1f} s")
-            interval_start, interval_steps = time.perf_counter(), 0
-        else:
-            interval_steps += 1
-        stopping = stop.signal_name is not None
-        logging = step % config.log_every == 0 or step == config.steps
-        saving = step % config.ckpt_every == 0 or step == config.steps or stopping
-        if logging or saving:  # Never log or save a diverged state.
-            check_finite(step, (g_state, d_state, metrics))
-        if logging:
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            elapsed = time.perf_counter() - interval_start
-            steps_per_s = interval_steps / elapsed if interval_steps else 1 / first_step_s
-            metrics_log.append({"step": step, "steps_per_s": steps_per_s, **metrics})
-            log(f"step {step}/{config.steps}  {steps_per_s:.2f} steps/s  {format_metrics(metrics)}")
-            interval_start, interval_steps = time.perf_counter(), 0
-        if step % config.sample_every == 0:
-            sample_grid(paths.samples_dir / f"generated_images_{step}.png", ROW_LENGTH, 1, ROW_LENGTH)
-        if saving:
-            ckpt.save(step, g_state, d_state, config)
-        if stopping:
-            log(f"{stop.signal_name}: stopped at step {step} and saved a checkpoint in "
-                f"{paths.ckpt_dir}; rerun the same command to resume")
-            return step
-
-    sample_grid(paths.ckpt_dir / FINAL_GRID, FINAL_ROWS * FINAL_COLS, FINAL_ROWS, FINAL_COLS)
-    log(f"done: step {config.steps}; checkpoints, {metrics_log.path.name}, {REAL_IMAGES} and "
-        f"{FINAL_GRID} in {paths.ckpt_dir}, sample rows in {paths.samples_dir}")
+    logged: dict[str, float] = {}
+    try:
+        for step in range(start + 1, config.steps + 1):
+            g_state, d_state, metrics = step_fn(g_state, d_state, next(batches), step_key)
+            progress.advance()
+            if step == start + 1:  # Time steps from here on: the first one includes compiling.
+                jax.block_until_ready(metrics)
+                first_step_s = time.perf_counter() - compile_start
+                progress.write(f"first step (with compilation) took {first_step_s:.1f} s")
+                interval_start, interval_steps = time.perf_counter(), 0
+            else:
+                interval_steps += 1
+            stopping = stop.signal_name is not None
+            logging = step % config.log_every == 0 or step == config.steps
+            saving = step % config.ckpt_every == 0 or step == config.steps or stopping
+            if logging or saving:  # Never log or save a diverged state.
+                check_finite(step, (g_state, d_state, metrics))
+            if logging:
+                logged = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                elapsed = time.perf_counter() - interval_start
+                steps_per_s = interval_steps / elapsed if interval_steps else 1 / first_step_s
+                outputs.log({"step": step, "steps_per_s": steps_per_s, **logged})
+                progress.report(step, steps_per_s, logged)
+                interval_start, interval_steps = time.perf_counter(), 0
+            if step % config.sample_every == 0:
+                outputs.sample(step, g_state)
+            if saving:
+                ckpt.save(step, g_state, d_state, config)
+            if stopping:
+                progress.write(f"{stop.signal_name}: stopped at step {step} and saved a checkpoint "
+                               f"in {paths.ckpt_dir}; rerun the same command to resume")
+                return step
+        outputs.finish(g_state)
+    finally:
+        wall_s = progress.close()
+    _summary(stream, config, start, wall_s, logged, outputs)
     return config.steps
+
+
+def _summary(stream: TextIO, config: Config, start: int, wall_s: float,
+             metrics: dict[str, float], outputs: RunOutputs) -> None:
+    """One screen that closes the run: how far, how fast, how good, and where everything is."""
+    steps = config.steps - start
+    lines = [
+        f"done: {steps} steps ({start + 1}..{config.steps}) in {format_duration(wall_s)}, "
+        f"{steps / wall_s:.2f} steps/s on average",
+        f"final: {format_metrics(metrics)}",
+        *(f"  {name:<13} {path}" for name, path in outputs.where()),
+        f"draw digits with: python sample.py --ckpt {outputs.paths.ckpt_dir}",
+    ]
+    print("\n".join(lines), file=stream, flush=True)

@@ -61,13 +61,14 @@ def run_script(script: str, *args, cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, mnist_idx):
-    """`train.py` from nothing: prepares MNIST from the IDX files, trains 30 steps of `seed`.
+    """`train.py` from nothing: prepares MNIST from the IDX files, trains 30 steps of `seed`,
+    with TensorBoard events.
 
     Returns the working directory (with `ckpt/`, `generated_images/` and the tfds
     data dir `tfds/`) and the finished process.
     """
     workdir = tmp_path_factory.mktemp("run")
-    result = run_script("train.py", *TRAIN_FLAGS, "--mnist-idx", mnist_idx,
+    result = run_script("train.py", *TRAIN_FLAGS, "--tensorboard", "--mnist-idx", mnist_idx,
                         "--data-dir", workdir / "tfds", cwd=workdir)
     assert result.returncode == 0, result.stderr
     return workdir, result

@@ -1,0 +1,92 @@
+"""The trained generator on its own, as the original's `generator.h5` was.
+
+Two forms: a msgpack file of G's variables and config, which `sample.py` loads
+without Orbax or any optimizer state; and a TensorFlow SavedModel, through
+jax2tf, to serve the generator or convert it to TF.js or TFLite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import serialization
+
+from digitscape_jax.config import Config
+from digitscape_jax.errors import UserError
+from digitscape_jax.models import Generator
+
+FORMAT = "digitscape-generator"
+VERSION = 1
+
+
+def generator_shapes(config: Config) -> Any:
+    """The shapes and dtypes of G's variables for `config`."""
+    return jax.eval_shape(lambda: Generator(config.spec).init(
+        jax.random.key(0), np.zeros((1, config.latent_dim), np.float32), train=False))
+
+
+def save_msgpack(path: str | Path, config: Config, variables: Any, step: int) -> Path:
+    """Writes G's variables, config and step to one msgpack file, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "step": step,
+        "config": json.dumps(config.to_json()),
+        "variables": serialization.to_state_dict(jax.device_get(variables)),
+    }
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(serialization.msgpack_serialize(payload))
+    os.replace(partial, path)
+    return path
+
+
+def load_msgpack(path: str | Path) -> tuple[Config, dict[str, Any], int]:
+    """Reads a file written by `save_msgpack`: (config, variables, step), all checked."""
+    path = Path(path)
+    try:
+        payload = serialization.msgpack_restore(path.read_bytes())
+    except Exception as e:  # msgpack raises several types for damaged data
+        raise UserError(f"{path} is not a generator export: {type(e).__name__}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise UserError(f"{path} is not a generator export")
+    if payload.get("version") != VERSION:
+        raise UserError(f"{path} is export version {payload.get('version')}; this reads {VERSION}")
+    config = Config.from_json(json.loads(payload["config"]))
+    expected = generator_shapes(config)
+    variables = payload["variables"]
+    try:
+        shapes_match = jax.tree.all(jax.tree.map(
+            lambda want, got: want.shape == np.shape(got) and want.dtype == np.asarray(got).dtype,
+            expected, variables))
+    except ValueError:  # a different tree structure
+        shapes_match = False
+    if not shapes_match:
+        raise UserError(f"{path}: its variables do not fit its {config.arch} config")
+    return config, variables, int(payload["step"])
+
+
+def save_savedmodel(directory: str | Path, config: Config, variables: Any) -> Path:
+    """Writes G as a SavedModel whose `generate(noise)` maps (N, latent_dim) noise to
+    (N, 28, 28, 1) images in [-1, 1], for any N."""
+    import tensorflow as tf
+    from jax.experimental import jax2tf
+
+    generator = Generator(config.spec)
+    variables = jax.device_get(variables)
+    generate = jax2tf.convert(lambda noise: generator.apply(variables, noise, train=False),
+                              polymorphic_shapes=[f"(batch, {config.latent_dim})"],
+                              with_gradient=False)
+    module = tf.Module()
+    module.generate = tf.function(
+        generate, autograph=False,
+        input_signature=[tf.TensorSpec([None, config.latent_dim], tf.float32, name="noise")])
+    tf.saved_model.save(module, str(directory),
+                        signatures={"serving_default": module.generate})
+    return Path(directory)

@@ -1,0 +1,55 @@
+"""What a person watching training sees: a progress bar on a terminal, plain lines elsewhere."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+from tqdm import tqdm
+
+from digitscape_jax.metrics import format_metrics
+
+
+class Progress:
+    """A tqdm bar with ETA, steps/s and the latest metrics when `stream` is a terminal.
+
+    Elsewhere (CI, nohup, notebooks without widgets) it prints one plain line per
+    report instead, so that logs stay readable.
+    """
+
+    def __init__(self, start: int, total: int, stream: TextIO | None = None):
+        self.stream = stream = stream or sys.stdout
+        self.start, self.total = start, total
+        self.started = time.perf_counter()
+        self.bar = (tqdm(total=total, initial=start, unit="step", file=stream, dynamic_ncols=True)
+                    if stream.isatty() else None)
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def report(self, step: int, steps_per_s: float, metrics: dict[str, float]) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(format_metrics(metrics), refresh=False)
+        else:
+            self.write(f"step {step}/{self.total}  {steps_per_s:.2f} steps/s  "
+                       f"{format_metrics(metrics)}")
+
+    def write(self, message: str) -> None:
+        if self.bar is not None:
+            self.bar.write(message, file=self.stream)
+        else:
+            print(message, file=self.stream, flush=True)
+
+    def close(self) -> float:
+        """Ends the bar; returns the wall time since the start, in seconds."""
+        if self.bar is not None:
+            self.bar.close()
+        return time.perf_counter() - self.started
+
+
+def format_duration(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m {seconds:02d}s" if hours else f"{minutes}m {seconds:02d}s"
