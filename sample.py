@@ -36,9 +36,10 @@ def parse_args(argv: Sequence[str] | None = None):
     p.add_argument("--grid", type=grid, default=None, metavar="ROWSxCOLS",
                    help="layout of the grid PNG (default: as square as possible); with "
                         "--interpolate, walks x frames (default: 8x32)")
-    p.add_argument("--seed", type=cli.non_negative_int, default=0,
+    p.add_argument("--seed", type=cli.seed, default=0,
                    help="seed of the noise; the same seed gives the same digits")
-    p.add_argument("--out", type=Path, default=Path("samples.png"), help="the grid PNG")
+    p.add_argument("--out", type=Path, default=Path("samples.png"),
+                   help="the grid PNG (with --interpolate, also the GIF beside it, as .gif)")
     p.add_argument("--npz", type=Path, default=None,
                    help="also write the digits as uint8 (N, 28, 28) under the key 'images'")
     p.add_argument("--save-individual", type=Path, default=None, metavar="DIR",
@@ -58,6 +59,14 @@ def parse_args(argv: Sequence[str] | None = None):
         p.error(f"--n {args.n} does not fill --grid {args.grid[0]}x{args.grid[1]}")
     if args.interpolate and args.n is not None:
         p.error("--interpolate takes its size from --grid WALKSxFRAMES, not --n")
+    if args.out.suffix.lower() != ".png":
+        p.error(f"--out {args.out} must name a .png file")
+    for flag in ("npz", "export"):
+        path = getattr(args, flag)
+        if path is not None and (not path.name or path.name in (".", "..")):
+            p.error(f"--{flag.replace('_', '-')} needs a file name, got {str(path)!r}")
+    if args.npz is not None and args.npz.suffix != ".npz":
+        args.npz = args.npz.with_name(args.npz.name + ".npz")  # what numpy would write
     return args
 
 

@@ -30,7 +30,7 @@ def parse_args(argv: Sequence[str] | None = None):
     p.add_argument("--beta2", type=cli.unit_interval, default=defaults.beta2, help="Adam beta2")
     p.add_argument("--latent-dim", type=cli.positive_int, default=defaults.latent_dim,
                    help="size of the generator's noise input")
-    p.add_argument("--seed", type=cli.non_negative_int, default=defaults.seed,
+    p.add_argument("--seed", type=cli.seed, default=defaults.seed,
                    help="seed of the initialisation, the data order and every random draw")
     p.add_argument("--ckpt-dir", type=Path, default=Path("ckpt"),
                    help="checkpoints (last 3 kept), metrics.jsonl, losses.png, progress.gif, "

@@ -6,13 +6,14 @@ complete, so a crash mid-save never leaves a checkpoint that looks whole.
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import os
 import sys
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TextIO, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
@@ -20,7 +21,7 @@ from flax.training import train_state
 
 from digitscape_jax.config import Config
 from digitscape_jax.errors import CorruptCheckpoint, UserError
-from digitscape_jax.steps import GeneratorState, create_states
+from digitscape_jax.steps import GeneratorState
 
 KEEP_LAST = 3
 LOCK_FILE = "train.lock"
@@ -53,14 +54,6 @@ def _silence_late_read_callbacks() -> None:
     sys.unraisablehook = hook
 
 
-def abstract_states(config: Config, sharding: jax.sharding.Sharding | None = None) -> Any:
-    """Shapes and dtypes of (g_state, d_state) for `config`, computed without running anything."""
-    abstract = jax.eval_shape(lambda: create_states(config, jax.random.key(0)))
-    if sharding is None:
-        return abstract
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
-
-
 class Checkpointer:
     """The checkpoints in one directory: save, list, and restore them."""
 
@@ -84,9 +77,7 @@ class Checkpointer:
 
     def save(self, step: int, g_state: GeneratorState, d_state: train_state.TrainState,
              config: Config) -> None:
-        """Writes step `step`; a step that is already on disk is left as it is."""
-        if step in self.all_steps():
-            return
+        """Writes step `step`, to a temporary directory renamed when complete."""
         self._manager.save(step, args=ocp.args.Composite(
             g_state=ocp.args.StandardSave(g_state),
             d_state=ocp.args.StandardSave(d_state),
@@ -160,52 +151,41 @@ class Checkpointer:
 class RunLock:
     """Lets one train.py at a time write to a checkpoint directory.
 
-    The lock is a file holding the writer's pid, created atomically; a lock
-    left by a process that no longer runs is taken over.
+    An exclusive `flock` on `train.lock`, which also holds the writer's pid for
+    the error message. The kernel releases the lock when its process dies, so a
+    killed run never leaves a stale lock behind.
     """
 
     def __init__(self, directory: str | Path):
         self.path = Path(directory) / LOCK_FILE
+        self._file: TextIO | None = None
         self._created_directory = False
 
     def __enter__(self) -> RunLock:
         self._created_directory = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                holder = self._holder()
-                if holder is not None and _is_running(holder):
-                    raise UserError(
-                        f"{self.path.parent} is in use by another train.py (pid {holder}); "
-                        "wait for it to finish, stop it, or use another --ckpt-dir"
-                    ) from None
-                self.path.unlink(missing_ok=True)  # stale: its writer is gone
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{os.getpid()}\n")
-            return self
-        raise UserError(f"could not lock {self.path.parent}: another train.py is starting there")
+        lock_file = self.path.open("a+")
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock_file.seek(0)
+            holder = lock_file.read().strip() or "unknown"
+            lock_file.close()
+            raise UserError(
+                f"{self.path.parent} is in use by another train.py (pid {holder}); "
+                "wait for it to finish, stop it, or use another --ckpt-dir"
+            ) from None
+        lock_file.seek(0)
+        lock_file.truncate()
+        lock_file.write(f"{os.getpid()}\n")
+        lock_file.flush()
+        self._file = lock_file
+        return self
 
     def __exit__(self, *exc_info: object) -> None:
-        if self._holder() == os.getpid():
-            self.path.unlink(missing_ok=True)
-        if self._created_directory and not any(self.path.parent.iterdir()):
-            self.path.parent.rmdir()  # a run that failed before writing anything leaves no trace
-
-    def _holder(self) -> int | None:
-        try:
-            return int(self.path.read_text().strip())
-        except (FileNotFoundError, ValueError):
-            return None
-
-
-def _is_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
+        assert self._file is not None
+        self._file.truncate(0)  # still locked: nobody reads a pid that is gone
+        if self._created_directory and {p.name for p in self.path.parent.iterdir()} == {LOCK_FILE}:
+            self.path.unlink()  # a run that failed before writing anything leaves no trace
+            self.path.parent.rmdir()
+        self._file.close()  # releases the lock

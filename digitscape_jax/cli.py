@@ -30,6 +30,9 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see --help)\n")
 
 
+MAX_SEED = 2**63
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -40,13 +43,14 @@ def positive_int(text: str) -> int:
     return value
 
 
-def non_negative_int(text: str) -> int:
+def seed(text: str) -> int:
+    """A random seed: an integer in [0, 2**63), what JAX and TensorFlow accept."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    if not 0 <= value < MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {value}")
     return value
 
 
@@ -79,6 +83,10 @@ def run(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None
         main(argv)
     except UserError as e:
         print(f"error: {one_line(str(e))}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a path the user gave that cannot be read or written
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {one_line(e.strerror or str(e))}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # a second Ctrl-C, after the first asked for a clean stop
         print("interrupted; the last checkpoint is intact", file=sys.stderr)

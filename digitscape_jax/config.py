@@ -44,6 +44,8 @@ DEFAULT_ARCH = "dcgan"
 # Fields that define the networks' shapes: a checkpoint can only be resumed or
 # sampled with the values it was written with.
 MODEL_FIELDS = ("arch", "latent_dim")
+# Fields that only say how long to train and how often to report: free to change on resume.
+RUN_LENGTH_FIELDS = ("steps", "log_every", "sample_every", "ckpt_every")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +72,8 @@ class Config:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0.0 < self.learning_rate < float("inf"):
             raise UserError(f"learning_rate must be positive and finite, got {self.learning_rate}")
+        if not 0 <= self.seed < 2**63:
+            raise UserError(f"seed must be in [0, 2**63), got {self.seed}")
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise UserError(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -101,6 +105,12 @@ class Config:
                 )
             values[name] = value
         return cls(**values)
+
+    def changed_from(self, saved: Config) -> list[str]:
+        """The settings, other than the length of the run, that differ from `saved`."""
+        return [f"{f.name} {getattr(saved, f.name)} -> {getattr(self, f.name)}"
+                for f in dataclasses.fields(self)
+                if f.name not in RUN_LENGTH_FIELDS and getattr(self, f.name) != getattr(saved, f.name)]
 
     def check_resumable_with(self, saved: Config) -> None:
         """Refuses to continue a checkpoint whose networks have other shapes."""

@@ -19,15 +19,10 @@ from flax import serialization
 from digitscape_jax.config import Config
 from digitscape_jax.errors import UserError
 from digitscape_jax.models import Generator
+from digitscape_jax.steps import abstract_states
 
 FORMAT = "digitscape-generator"
 VERSION = 1
-
-
-def generator_shapes(config: Config) -> Any:
-    """The shapes and dtypes of G's variables for `config`."""
-    return jax.eval_shape(lambda: Generator(config.spec).init(
-        jax.random.key(0), np.zeros((1, config.latent_dim), np.float32), train=False))
 
 
 def save_msgpack(path: str | Path, config: Config, variables: Any, step: int) -> Path:
@@ -42,8 +37,11 @@ def save_msgpack(path: str | Path, config: Config, variables: Any, step: int) ->
         "variables": serialization.to_state_dict(jax.device_get(variables)),
     }
     partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(serialization.msgpack_serialize(payload))
-    os.replace(partial, path)
+    try:
+        partial.write_bytes(serialization.msgpack_serialize(payload))
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     return path
 
 
@@ -58,9 +56,12 @@ def load_msgpack(path: str | Path) -> tuple[Config, dict[str, Any], int]:
         raise UserError(f"{path} is not a generator export")
     if payload.get("version") != VERSION:
         raise UserError(f"{path} is export version {payload.get('version')}; this reads {VERSION}")
-    config = Config.from_json(json.loads(payload["config"]))
-    expected = generator_shapes(config)
-    variables = payload["variables"]
+    try:
+        config = Config.from_json(json.loads(payload["config"]))
+        variables, step = payload["variables"], int(payload["step"])
+    except (KeyError, TypeError, ValueError) as e:  # JSONDecodeError is a ValueError
+        raise UserError(f"{path} is a damaged generator export ({type(e).__name__}: {e})") from None
+    expected = abstract_states(config)[0].variables
     try:
         shapes_match = jax.tree.all(jax.tree.map(
             lambda want, got: want.shape == np.shape(got) and want.dtype == np.asarray(got).dtype,
@@ -69,7 +70,7 @@ def load_msgpack(path: str | Path) -> tuple[Config, dict[str, Any], int]:
         shapes_match = False
     if not shapes_match:
         raise UserError(f"{path}: its variables do not fit its {config.arch} config")
-    return config, variables, int(payload["step"])
+    return config, variables, step
 
 
 def save_savedmodel(directory: str | Path, config: Config, variables: Any) -> Path:

@@ -66,7 +66,7 @@ def phase_taps(kernel_size: int, stride: int) -> tuple[np.ndarray, int, int]:
 
 
 class ConvTranspose(nn.Module):
-    """The function of `nn.ConvTranspose(padding='SAME')`, computed as one strided-free conv.
+    """The function of `nn.ConvTranspose(padding='SAME', use_bias=False)`, as one stride-1 conv.
 
     XLA:CPU computes the kernel gradient of a stride-2 transposed convolution
     very slowly. This module holds the same `kernel` parameter, of the same
@@ -78,7 +78,6 @@ class ConvTranspose(nn.Module):
     features: int
     kernel_size: int = 5
     strides: int = 1
-    use_bias: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -100,10 +99,7 @@ class ConvTranspose(nn.Module):
         )
         n, h, w, _ = y.shape
         y = y.reshape(n, h, w, s, s, self.features).transpose(0, 1, 3, 2, 4, 5)
-        y = y.reshape(n, h * s, w * s, self.features)
-        if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        return y
+        return y.reshape(n, h * s, w * s, self.features)
 
 
 class Generator(nn.Module):

@@ -49,16 +49,6 @@ def save_gif(path: str | Path, frames: list[np.ndarray], frame_ms: int = 400) ->
     return path
 
 
-def gif_frames(path: str | Path) -> list[np.ndarray]:
-    """The frames of a GIF as uint8 grayscale arrays."""
-    with Image.open(path) as gif:
-        frames = []
-        for index in range(gif.n_frames):
-            gif.seek(index)
-            frames.append(np.asarray(gif.convert("L")))
-    return frames
-
-
 LOSS_PANELS = (("loss", ("d_loss", "g_loss")), ("discriminator output", ("d_real", "d_fake")))
 LABELS = {"d_loss": "d_loss", "g_loss": "g_loss", "d_real": "D(x)", "d_fake": "D(G(z))"}
 

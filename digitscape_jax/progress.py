@@ -20,7 +20,7 @@ class Progress:
 
     def __init__(self, start: int, total: int, stream: TextIO | None = None):
         self.stream = stream = stream or sys.stdout
-        self.start, self.total = start, total
+        self.total = total
         self.started = time.perf_counter()
         self.bar = (tqdm(total=total, initial=start, unit="step", file=stream, dynamic_ncols=True)
                     if stream.isatty() else None)

@@ -15,6 +15,7 @@ from digitscape_jax.config import Config
 from digitscape_jax.errors import UserError
 from digitscape_jax.export import load_msgpack
 from digitscape_jax.models import Generator, sample_noise
+from digitscape_jax.steps import abstract_states
 
 SAMPLE_BATCH = 1000
 WALK_POINTS = 4  # Random latent points that each interpolation walk passes through.
@@ -64,14 +65,13 @@ def load_generator(source: str | Path, step: int | None = None,
         if step is not None:
             raise UserError(f"--step picks a checkpoint, but {source} is an exported generator")
         return load_msgpack(source)
-    from digitscape_jax.checkpointing import Checkpointer, abstract_states  # needs Orbax
+    from digitscape_jax.checkpointing import Checkpointer  # needs Orbax
 
     ckpt = Checkpointer(source, read_only=True)
 
     def read(step: int) -> tuple[Config, dict[str, Any]]:
         config = ckpt.load_config(step)
-        g_state = ckpt.restore_generator(step, abstract_states(config))
-        return config, {"params": g_state.params, "batch_stats": g_state.batch_stats}
+        return config, ckpt.restore_generator(step, abstract_states(config)).variables
 
     step, (config, variables) = ckpt.load(step, read, warn)
     return config, variables, step

@@ -25,6 +25,11 @@ class GeneratorState(train_state.TrainState):
 
     batch_stats: Any
 
+    @property
+    def variables(self) -> dict[str, Any]:
+        """What `Generator.apply` takes: the params and the BatchNorm statistics."""
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
 
 def create_states(config: Config, key: jax.Array) -> tuple[GeneratorState, train_state.TrainState]:
     """Freshly initialised G and D states, each with its own Adam."""
@@ -44,6 +49,14 @@ def create_states(config: Config, key: jax.Array) -> tuple[GeneratorState, train
         apply_fn=discriminator.apply, params=d_vars["params"], tx=adam()
     )
     return g_state, d_state
+
+
+def abstract_states(config: Config, sharding: jax.sharding.Sharding | None = None) -> Any:
+    """Shapes and dtypes of (g_state, d_state) for `config`, computed without running anything."""
+    abstract = jax.eval_shape(lambda: create_states(config, jax.random.key(0)))
+    if sharding is None:
+        return abstract
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
 
 
 def bce_with_logits(logits: jax.Array, label: float) -> jax.Array:

@@ -22,7 +22,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 from PIL import Image
 
 from digitscape_jax import cli, data
-from digitscape_jax.checkpointing import Checkpointer, RunLock, abstract_states
+from digitscape_jax.checkpointing import Checkpointer, RunLock
 from digitscape_jax.config import Config
 from digitscape_jax.errors import TrainingDiverged, UserError
 from digitscape_jax.metrics import MetricsLog, TensorBoardLog, format_metrics
@@ -30,7 +30,7 @@ from digitscape_jax.models import Generator, sample_noise
 from digitscape_jax.plots import plot_losses, save_gif, save_grid
 from digitscape_jax.progress import Progress, format_duration
 from digitscape_jax.sampling import render
-from digitscape_jax.steps import GeneratorState, create_states, jit_train_step
+from digitscape_jax.steps import GeneratorState, abstract_states, create_states, jit_train_step
 
 REAL_IMAGES = "real_images.png"
 FINAL_GRID = "generated_images.png"
@@ -73,8 +73,7 @@ class RunOutputs:
             self.tensorboard.scalars(record["step"], {k: v for k, v in record.items() if k != "step"})
 
     def digits(self, g_state: GeneratorState, n: int) -> np.ndarray:
-        variables = {"params": g_state.params, "batch_stats": g_state.batch_stats}
-        return jax.device_get(render(self.generator, variables, self.fixed_noise[:n]))
+        return jax.device_get(render(self.generator, g_state.variables, self.fixed_noise[:n]))
 
     def sample(self, step: int, g_state: GeneratorState) -> None:
         """The fixed-noise row of `step`, and the GIF and loss curves up to it."""
@@ -170,10 +169,15 @@ def _resume(config: Config, ckpt: Checkpointer, abstract: Any, warn: Callable[[s
         return 0, None
 
     def read(step: int):
-        config.check_resumable_with(ckpt.load_config(step))
-        return ckpt.restore(step, abstract)
+        saved = ckpt.load_config(step)
+        config.check_resumable_with(saved)
+        return saved, ckpt.restore(step, abstract)
 
-    step, states = ckpt.load(None, read, warn)
+    step, (saved, states) = ckpt.load(None, read, warn)
+    changed = config.changed_from(saved)
+    if changed:
+        warn(f"warning: resuming step {step} with changed settings ({', '.join(changed)}); "
+             "the result will differ from an uninterrupted run")
     for moved in ckpt.set_aside_after(step):
         warn(f"warning: set the unreadable checkpoint aside as {moved}")
     return step, states
@@ -197,12 +201,12 @@ def _train(config: Config, paths: RunPaths, stream: TextIO, warn: Callable[[str]
     init_key, step_key, sample_key = jax.random.split(jax.random.key(config.seed), 3)
     outputs = RunOutputs(config, paths, sample_key)
     progress = Progress(start, config.steps, stream)
+    outputs.metrics.truncate_after(start)  # Records past the checkpoint are logged again.
     if states is None:
         g_state, d_state = jax.device_put(create_states(config, init_key), replicated)
         save_grid(paths.ckpt_dir / REAL_IMAGES, images[:ROW_LENGTH], 1, ROW_LENGTH)
     else:
         g_state, d_state = states
-        outputs.metrics.truncate_after(start)
         progress.write(f"resuming {paths.ckpt_dir} from step {start}")
     progress.write(f"training {config.arch} on {jax.device_count()} "
                    f"{jax.devices()[0].platform} device(s), batch {config.batch_size}, "
@@ -242,10 +246,11 @@ def _train(config: Config, paths: RunPaths, stream: TextIO, warn: Callable[[str]
                 interval_start, interval_steps = time.perf_counter(), 0
             else:
                 interval_steps += 1
-            stopping = stop.signal_name is not None
+            stopping = stop.signal_name is not None and step < config.steps
             logging = step % config.log_every == 0 or step == config.steps
+            sampling = step % config.sample_every == 0
             saving = step % config.ckpt_every == 0 or step == config.steps or stopping
-            if logging or saving:  # Never log or save a diverged state.
+            if logging or sampling or saving:  # Never log, draw or save a diverged state.
                 check_finite(step, (g_state, d_state, metrics))
             if logging:
                 logged = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -254,10 +259,10 @@ def _train(config: Config, paths: RunPaths, stream: TextIO, warn: Callable[[str]
                 outputs.log({"step": step, "steps_per_s": steps_per_s, **logged})
                 progress.report(step, steps_per_s, logged)
                 interval_start, interval_steps = time.perf_counter(), 0
-            if step % config.sample_every == 0:
-                outputs.sample(step, g_state)
-            if saving:
+            if saving:  # First, so that no failure in the pictures can cost a checkpoint.
                 ckpt.save(step, g_state, d_state, config)
+            if sampling:
+                outputs.sample(step, g_state)
             if stopping:
                 progress.write(f"{stop.signal_name}: stopped at step {step} and saved a checkpoint "
                                f"in {paths.ckpt_dir}; rerun the same command to resume")

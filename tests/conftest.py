@@ -20,7 +20,8 @@ sys.path.insert(0, str(REPO))
 @pytest.fixture(scope="session")
 def mnist_idx() -> Path:
     """The four real MNIST IDX files. They are required: these tests never skip."""
-    missing = [f for f in ("train-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+    missing = [f for f in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                           "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
                if not (SHARED_MNIST / f).is_file()]
     assert not missing, f"real MNIST IDX files not found in {SHARED_MNIST}"
     return SHARED_MNIST
@@ -72,3 +73,15 @@ def trained_run(tmp_path_factory, mnist_idx):
                         "--data-dir", workdir / "tfds", cwd=workdir)
     assert result.returncode == 0, result.stderr
     return workdir, result
+
+
+def gif_frames(path: Path) -> list[np.ndarray]:
+    """The frames of a GIF as uint8 grayscale arrays."""
+    from PIL import Image
+
+    with Image.open(path) as gif:
+        frames = []
+        for index in range(gif.n_frames):
+            gif.seek(index)
+            frames.append(np.asarray(gif.convert("L")))
+    return frames

@@ -177,3 +177,43 @@ def test_cli_errors_are_one_line_in_a_real_process(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == ("train.py: error: argument --batch-size: must be positive, "
                                      "got 0 (see --help)")
+
+
+def test_unwritable_output_paths_are_one_line_errors(capsys, tmp_path, trained_run):
+    ckpt = str(trained_run[0] / "ckpt")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    for flags in (["--out", str(blocker / "s.png")],
+                  ["--out", str(tmp_path / "s.png"), "--npz", str(blocker / "s.npz")],
+                  ["--export", str(tmp_path)]):
+        assert cli.run(sample.main, ["--ckpt", ckpt, *flags]) == 1
+        assert one_line_error(capsys).startswith("error: ")
+    assert not list(tmp_path.glob("*.partial"))
+    with pytest.raises(SystemExit):
+        sample.main(["--ckpt", ckpt, "--out", "s.txt"])
+    assert "must name a .png file" in one_line_error(capsys)
+    assert cli.run(train.main, ["--steps", "1", "--ckpt-dir", str(blocker)]) == 1
+    assert one_line_error(capsys).startswith("error: ")
+
+
+def test_a_failing_picture_never_costs_a_checkpoint(capsys, tmp_path, trained_run):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    code = cli.run(train.main, ["--arch", "seed", "--steps", "3", "--sample-every", "2",
+                                "--ckpt-every", "2", "--ckpt-dir", str(tmp_path / "ckpt"),
+                                "--samples-dir", str(blocker),
+                                "--data-dir", str(trained_run[0] / "tfds")])
+    assert code == 1
+    assert one_line_error(capsys).startswith("error: ")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit()) == ["2"]
+
+
+def test_a_fresh_start_replaces_the_metrics_of_a_run_that_saved_nothing(tmp_path, trained_run):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "metrics.jsonl").write_text('{"step": 1, "d_loss": 9}\n{"step": 2, "d_l')
+    assert cli.run(train.main, ["--arch", "seed", "--steps", "2", "--log-every", "1",
+                                "--ckpt-dir", str(ckpt), "--samples-dir", str(tmp_path / "g"),
+                                "--data-dir", str(trained_run[0] / "tfds")]) == 0
+    records = [json.loads(line) for line in (ckpt / "metrics.jsonl").open()]
+    assert [r["step"] for r in records] == [1, 2] and records[0]["d_loss"] != 9

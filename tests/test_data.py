@@ -101,12 +101,11 @@ def test_stream_under_tfds_mock_data(mock_mnist):
     assert labels.shape == (100,)
     stream = batches(images, 20, seed=0, start_step=0, count=10)  # two epochs
     assert stream.shape == (10, 20, 28, 28, 1) and stream.dtype == np.float32
-    scaled = images.astype(np.float32) / 127.5 - 1.0  # float32, as tf.data computes it
-    assert scaled.dtype == np.float32 and stream.min() >= -1.0 and stream.max() <= 1.0
-    np.testing.assert_array_equal(np.unique(stream), np.unique(scaled))
-    expected_pixels = np.sort(scaled.reshape(100, -1), axis=0)
-    for epoch in stream.reshape(2, 100, -1):  # each epoch holds every image exactly once
-        np.testing.assert_array_equal(np.sort(epoch, axis=0), expected_pixels)
+    scaled = (images.astype(np.float32) / 127.5 - 1.0).reshape(100, -1)  # as tf.data computes it
+    assert stream.min() >= -1.0 and stream.max() <= 1.0
+    assert len(np.unique(scaled, axis=0)) == 100  # the mock images are distinct, so...
+    for epoch in stream.reshape(2, 100, -1):  # ...each epoch holds every image exactly once
+        np.testing.assert_array_equal(np.unique(epoch, axis=0), np.unique(scaled, axis=0))
     assert not np.array_equal(stream[:5], stream[5:])  # reshuffled every epoch
 
 

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import gif_frames
 from digitscape_jax import cli
 from digitscape_jax.config import Config
 from digitscape_jax.errors import UserError
 from digitscape_jax.export import load_msgpack
 from digitscape_jax.models import Generator, sample_noise
-from digitscape_jax.plots import gif_frames
 from digitscape_jax.progress import Progress
 from digitscape_jax.sampling import latent_walks, load_generator, slerp
 from test_cli import grid_size

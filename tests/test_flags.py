@@ -14,14 +14,16 @@ import train
 TRAIN_FLAGS = ["--steps", "--arch", "--batch-size", "--lr", "--beta1", "--beta2", "--latent-dim",
                "--seed", "--ckpt-dir", "--samples-dir", "--log-every", "--sample-every",
                "--ckpt-every", "--mnist-idx", "--data-dir"]
-SAMPLE_FLAGS = ["--ckpt", "--step", "--n", "--seed", "--out", "--npz"]
+SAMPLE_FLAGS = ["--ckpt", "--step", "--n", "--grid", "--seed", "--out", "--npz", "--save-individual",
+                "--interpolate", "--export", "--export-savedmodel"]
 
 values = st.one_of(
     st.text(max_size=12),
     st.integers(min_value=-10**30, max_value=10**30).map(str),
     st.floats(allow_nan=True, allow_infinity=True).map(repr),
     st.sampled_from(["0", "-1", "1e309", "nan", "inf", "-inf", "1_000", " 7", "0x10", "seed",
-                     "dcgan", "", "--steps", "\x00", "１２"]),
+                     "dcgan", "", "--steps", "\x00", "１２", "3x4", "0x5", "10x10", "s.png", "s.gif",
+                     str(2**63), str(2**63 - 1)]),
 )
 
 
@@ -60,7 +62,12 @@ def test_train_flags_are_accepted_or_refused_in_one_line(argv, capsys):
 def test_sample_flags_are_accepted_or_refused_in_one_line(argv, capsys):
     args = check(sample.parse_args, argv, capsys)
     if args is not None:
-        assert args.n > 0 and args.seed >= 0 and (args.step is None or args.step > 0)
+        assert args.n is None or args.n > 0
+        assert 0 <= args.seed < 2**63 and (args.step is None or args.step > 0)
+        if args.grid is not None:
+            assert args.grid[0] > 0 and args.grid[1] > 0
+            assert args.n is None or args.n == args.grid[0] * args.grid[1]
+        assert args.out.suffix == ".png"
 
 
 @pytest.mark.parametrize("parse", [train.parse_args, sample.parse_args])

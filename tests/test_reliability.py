@@ -15,8 +15,10 @@ import pytest
 
 from conftest import REPO, TRAIN_FLAGS, run_script
 from digitscape_jax import cli
-from digitscape_jax.checkpointing import LOCK_FILE, Checkpointer, abstract_states
+from digitscape_jax.checkpointing import LOCK_FILE, Checkpointer, RunLock
 from digitscape_jax.config import Config
+from digitscape_jax.errors import UserError
+from digitscape_jax.steps import abstract_states
 from test_steps import assert_trees_equal, state_trees, to_numpy
 
 import sample
@@ -115,7 +117,7 @@ def test_sigterm_and_sigint_stop_after_a_checkpoint_and_a_second_writer_is_refus
     stopped_at = int(out.split("SIGTERM: stopped at step ")[1].split()[0])
     assert "rerun the same command to resume" in out
     assert Checkpointer(tmp_path / "ckpt").latest_step() == stopped_at
-    assert not (tmp_path / "ckpt" / LOCK_FILE).exists()
+    assert (tmp_path / "ckpt" / LOCK_FILE).read_text() == ""  # released
 
     process = start_train(*flags, cwd=tmp_path)
     assert f"from step {stopped_at}" in wait_for_line(process, "resuming")
@@ -126,15 +128,29 @@ def test_sigterm_and_sigint_stop_after_a_checkpoint_and_a_second_writer_is_refus
     assert int(out.split("SIGINT: stopped at step ")[1].split()[0]) > stopped_at
 
 
-def test_a_stale_lock_from_a_dead_process_is_taken_over(trained_run, tmp_path, capsys):
+@pytest.mark.parametrize("left_behind", ["dead", "own", "empty"])
+def test_a_lock_file_left_by_a_killed_run_does_not_block(trained_run, tmp_path, capsys,
+                                                        left_behind):
+    """The lock is the kernel's flock, not the file: whatever pid a killed run left is ignored."""
     ckpt = tmp_path / "ckpt"
     shutil.copytree(trained_run[0] / "ckpt", ckpt)
     dead = subprocess.Popen(["true"])
     dead.wait()
-    (ckpt / LOCK_FILE).write_text(f"{dead.pid}\n")
+    pid = {"dead": str(dead.pid), "own": str(os.getpid()), "empty": ""}[left_behind]
+    (ckpt / LOCK_FILE).write_text(pid)
     assert cli.run(train.main, [*TRAIN_FLAGS, "--ckpt-dir", str(ckpt)]) == 0
     assert "nothing to do" in capsys.readouterr().out
-    assert not (ckpt / LOCK_FILE).exists()
+    assert (ckpt / LOCK_FILE).read_text() == ""
+
+
+def test_the_lock_is_exclusive_and_names_its_holder(tmp_path):
+    with RunLock(tmp_path / "ckpt"):
+        assert (tmp_path / "ckpt" / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+        with pytest.raises(UserError, match=f"in use by another train.py \\(pid {os.getpid()}\\)"):
+            RunLock(tmp_path / "ckpt").__enter__()
+    with RunLock(tmp_path / "ckpt"):  # released on exit
+        pass
+    assert not (tmp_path / "ckpt").exists()  # created for a run that wrote nothing: removed
 
 
 def damage(step_dir: Path, how: str) -> None:
@@ -198,7 +214,9 @@ def test_divergence_stops_training_and_keeps_the_last_good_checkpoint(trained_ru
                                 "--ckpt-dir", str(ckpt), "--samples-dir", str(tmp_path / "gen"),
                                 "--data-dir", str(trained_run[0] / "tfds")])
     assert code == 1
-    message = capsys.readouterr().err.strip()
+    warning, message = capsys.readouterr().err.strip().splitlines()
+    assert warning.startswith("warning: resuming step 30 with changed settings "
+                              "(learning_rate 0.0001 -> 1e+30)")
     assert message.startswith("error: training diverged: a loss or parameter became NaN or "
                               "infinite between steps 30 and 40")
     assert f"the last good checkpoint is kept (step 30 in {ckpt})" in message

@@ -1,0 +1,546 @@
+"""Time one GAN update of this project against the same update in TensorFlow/Keras and PyTorch.
+
+Run from the repository root, after `pip install -r requirements-bench.txt`:
+
+    python bench/bench.py                                   # seed and dcgan, batches 64 and 256
+    python bench/bench.py --archs dcgan --batches 256 --rounds 5 --json results.json
+    python bench/bench.py --device gpu                      # jax and torch on the GPU
+
+What is timed is one full update of G and D as `digitscape_jax.steps.train_step` defines it:
+noise -> G, then D on concat([real, fake]) with dropout, d_loss = (bce(real, 1) +
+bce(fake, 0)) / 2 and g_loss = bce(fake, 1), both gradients from that one forward pass, and an
+Adam step (lr 1e-4, betas 0.9/0.999, eps 1e-7) on each network. The "real" images are one
+fixed random batch in [-1, 1]: there is no input pipeline, only the step.
+
+- jax: ours, `create_states` + `jit_train_step`, with the XLA flags `digitscape_jax` sets.
+- tf: Keras Sequential G and D with the same layers and a `@tf.function` step (one
+  persistent GradientTape). CPU only.
+- torch: the same layers as `nn.Sequential`, NCHW, eager (`--torch-compile` compiles G and D).
+
+Each framework runs in its own subprocess, one per (arch, batch, round), and the three are
+interleaved (jax tf torch jax tf torch ...) so that changes in the machine's load fall on all of
+them alike. A worker runs `--warmup` steps (the first one, compilation included, is timed on its
+own as "first s"), then times each of `--steps` steps. The table gives, per framework:
+
+    s/step     median over every timed step of every round
+    iqr%       interquartile range of those steps, in % of the median (noise of the machine)
+    img/s      batch / median
+    GFLOP/s    `step_flops` / median (TFLOP/s with --device gpu)
+    first s    the first step, compilation included (median over rounds)
+    d_loss@1   d_loss of the first step: about log(2) = 0.69 at initialisation for all three
+    RSS MB     the worker's peak resident memory (max over rounds)
+    vs ours    the framework's median s/step / jax's: above 1 means ours is faster
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from digitscape_jax import cli  # noqa: E402  (sets our XLA flags, inherited by the workers)
+from digitscape_jax.config import ARCHS, ArchSpec, Config  # noqa: E402
+
+if TYPE_CHECKING:
+    import keras
+    import torch
+
+FRAMEWORKS = ("jax", "tf", "torch")
+
+# The settings of digitscape_jax.models and .steps, repeated here so that the tf and torch
+# workers need not import JAX (which would count in their memory).
+CONFIG = Config()
+LATENT_DIM = CONFIG.latent_dim
+LEAKY_SLOPE = 0.3
+BN_MOMENTUM = 0.99  # Keras/Flax semantics: running = momentum * running + (1 - momentum) * batch
+BN_EPSILON = 1e-3
+DROPOUT_RATE = 0.3
+ADAM_EPSILON = 1e-7
+KERNEL = 5
+SEED_SIZE = 7  # G's first feature map is 7x7; images are 28x28x1.
+IMAGE_SIZE = 28
+
+
+# --- Work per step ----------------------------------------------------------------------------
+
+
+def generator_macs(spec: ArchSpec) -> int:
+    """Multiply-adds of G's Dense and transposed convolutions for one noise vector."""
+    c0, (c1, c2) = spec.g_dense_channels, spec.g_conv_channels
+    pixels_in = SEED_SIZE**2, (2 * SEED_SIZE) ** 2
+    return (
+        LATENT_DIM * pixels_in[0] * c0                 # Dense
+        + pixels_in[0] * KERNEL**2 * c0 * c1           # 7x7 -> 7x7
+        + pixels_in[0] * KERNEL**2 * c1 * c2           # 7x7 -> 14x14
+        + pixels_in[1] * KERNEL**2 * c2 * 1            # 14x14 -> 28x28
+    )
+
+
+def discriminator_macs(spec: ArchSpec) -> int:
+    """Multiply-adds of D's convolutions and Dense for one image."""
+    d1, d2 = spec.d_channels
+    pixels_out = (IMAGE_SIZE // 2) ** 2, (IMAGE_SIZE // 4) ** 2
+    return (
+        pixels_out[0] * KERNEL**2 * 1 * d1             # 28x28 -> 14x14
+        + pixels_out[1] * KERNEL**2 * d1 * d2          # 14x14 -> 7x7
+        + pixels_out[1] * d2                           # Dense to one logit
+    )
+
+
+def step_flops(spec: ArchSpec, batch: int) -> int:
+    """Analytical FLOPs of one update: 3 * F_G + 4 * F_D.
+
+    F_G = 2 * MACs of G on `batch` noise vectors and F_D = 2 * MACs of D on 2 * `batch` images
+    (real and fake go through D as one batch). A convolution's MACs are output pixels x k^2 x
+    C_in x C_out; a transposed one's are input pixels x k^2 x C_in x C_out; a Dense's are
+    inputs x outputs. Backward costs 2x forward for the parts that get gradients (one pass for
+    the input gradient, one for the weight gradient):
+
+        forward                                     F_G + F_D
+        d_loss backward through D                   2 * F_D
+        g_loss backward: D's input gradients only   F_D
+                         then all of G              2 * F_G
+
+    BatchNorm, activations, dropout, the losses and Adam are elementwise and left out; taps on
+    'SAME' padding are counted. The count is the same for every framework, so GFLOP/s compare
+    as the times do.
+    """
+    f_g = 2 * generator_macs(spec) * batch
+    f_d = 2 * discriminator_macs(spec) * 2 * batch
+    return 3 * f_g + 4 * f_d
+
+
+# --- Workers: build a step, time it -------------------------------------------------------------
+
+
+@dataclass
+class Built:
+    """A framework's ready update: `step()` runs one, waits for it, and returns its d_loss."""
+
+    step: Callable[[], float]
+    version: str
+    device: str
+
+
+def fixed_images(batch: int) -> np.ndarray:
+    """The 'real' batch, NHWC float32 in [-1, 1], the same for every framework."""
+    rng = np.random.default_rng(0)
+    return rng.uniform(-1, 1, (batch, IMAGE_SIZE, IMAGE_SIZE, 1)).astype(np.float32)
+
+
+def build_jax(arch: str, batch: int, gpu: bool) -> Built:
+    """Ours: `create_states` and `jit_train_step`, blocking on the new states and metrics."""
+    if not gpu:
+        os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax
+    import jax.numpy as jnp
+
+    from digitscape_jax.steps import create_states, jit_train_step
+
+    expected = "gpu" if gpu else "cpu"
+    if jax.default_backend() != expected:
+        raise SystemExit(f"jax runs on {jax.default_backend()}, not {expected}")
+    config = Config(arch=arch, batch_size=batch)
+    key = jax.random.key(config.seed)
+    states = create_states(config, key)
+    train_step = jit_train_step(config)
+    images = jnp.asarray(fixed_images(batch))
+
+    def step() -> float:
+        nonlocal states
+        g_state, d_state, metrics = jax.block_until_ready(train_step(*states, images, key))
+        states = g_state, d_state
+        return float(metrics["d_loss"])
+
+    device = jax.devices()[0]
+    return Built(step, jax.__version__, f"{device.platform}:{device.device_kind}")
+
+
+def keras_models(spec: ArchSpec) -> tuple[keras.Sequential, keras.Sequential]:
+    """G and D as Keras Sequential models, layer for layer as in digitscape_jax.models."""
+    import keras
+    from keras import layers
+
+    def batch_norm_leaky() -> list[keras.Layer]:
+        return [layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON),
+                layers.LeakyReLU(negative_slope=LEAKY_SLOPE)]
+
+    def conv_transpose(channels: int, strides: int, **kwargs: Any) -> keras.Layer:
+        return layers.Conv2DTranspose(channels, KERNEL, strides=strides, padding="same",
+                                      use_bias=False, **kwargs)
+
+    c0, (c1, c2) = spec.g_dense_channels, spec.g_conv_channels
+    generator = keras.Sequential([
+        keras.Input((LATENT_DIM,)),
+        layers.Dense(SEED_SIZE * SEED_SIZE * c0, use_bias=False), *batch_norm_leaky(),
+        layers.Reshape((SEED_SIZE, SEED_SIZE, c0)),
+        conv_transpose(c1, 1), *batch_norm_leaky(),
+        conv_transpose(c2, 2), *batch_norm_leaky(),
+        conv_transpose(1, 2, activation="tanh"),
+    ])
+    d_layers: list[keras.Layer] = []
+    for channels in spec.d_channels:
+        d_layers += [layers.Conv2D(channels, KERNEL, strides=2, padding="same"),
+                     layers.LeakyReLU(negative_slope=LEAKY_SLOPE), layers.Dropout(DROPOUT_RATE)]
+    discriminator = keras.Sequential([
+        keras.Input((IMAGE_SIZE, IMAGE_SIZE, 1)), *d_layers, layers.Flatten(), layers.Dense(1),
+    ])
+    return generator, discriminator
+
+
+def build_tf(spec: ArchSpec, batch: int) -> Built:
+    """Keras models and a `@tf.function` step with one persistent GradientTape, on the CPU."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")
+    keras.utils.set_random_seed(0)
+    generator, discriminator = keras_models(spec)
+    g_opt, d_opt = (keras.optimizers.Adam(CONFIG.learning_rate, CONFIG.beta1, CONFIG.beta2,
+                                          epsilon=ADAM_EPSILON) for _ in range(2))
+    g_opt.build(generator.trainable_variables)
+    d_opt.build(discriminator.trainable_variables)
+    sample_noise = tf.random.uniform if spec.noise == "uniform" else tf.random.normal
+    images = tf.constant(fixed_images(batch))
+
+    def bce(logits: tf.Tensor, label: float) -> tf.Tensor:
+        labels = tf.fill(tf.shape(logits), label)
+        return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels, logits))
+
+    @tf.function
+    def train_step(real: tf.Tensor) -> tf.Tensor:
+        noise = sample_noise((batch, LATENT_DIM))
+        with tf.GradientTape(persistent=True) as tape:
+            fake = generator(noise, training=True)
+            logits = discriminator(tf.concat([real, fake], 0), training=True)[:, 0]
+            real_logits, fake_logits = tf.split(logits, 2)
+            d_loss = (bce(real_logits, 1.0) + bce(fake_logits, 0.0)) / 2
+            g_loss = bce(fake_logits, 1.0)
+        d_grads = tape.gradient(d_loss, discriminator.trainable_variables)
+        g_grads = tape.gradient(g_loss, generator.trainable_variables)
+        d_opt.apply_gradients(zip(d_grads, discriminator.trainable_variables))
+        g_opt.apply_gradients(zip(g_grads, generator.trainable_variables))
+        return d_loss
+
+    return Built(lambda: float(train_step(images)), tf.__version__, "cpu")
+
+
+def torch_models(spec: ArchSpec) -> tuple[torch.nn.Sequential, torch.nn.Sequential]:
+    """G and D as `nn.Sequential`, NCHW, with Keras's BatchNorm, slopes and glorot_uniform."""
+    from torch import nn
+
+    def batch_norm_leaky(channels: int, norm: type[nn.Module] = nn.BatchNorm2d) -> list[nn.Module]:
+        # torch's momentum weighs the new batch: 1 - Keras's.
+        return [norm(channels, eps=BN_EPSILON, momentum=1 - BN_MOMENTUM), nn.LeakyReLU(LEAKY_SLOPE)]
+
+    def conv_transpose(c_in: int, c_out: int, stride: int) -> nn.Module:
+        # padding 2 and output_padding stride - 1 give 'SAME's output size, input x stride.
+        return nn.ConvTranspose2d(c_in, c_out, KERNEL, stride, padding=KERNEL // 2,
+                                  output_padding=stride - 1, bias=False)
+
+    c0, (c1, c2) = spec.g_dense_channels, spec.g_conv_channels
+    generator = nn.Sequential(
+        nn.Linear(LATENT_DIM, SEED_SIZE * SEED_SIZE * c0, bias=False),
+        *batch_norm_leaky(SEED_SIZE * SEED_SIZE * c0, nn.BatchNorm1d),
+        nn.Unflatten(1, (c0, SEED_SIZE, SEED_SIZE)),
+        conv_transpose(c0, c1, 1), *batch_norm_leaky(c1),
+        conv_transpose(c1, c2, 2), *batch_norm_leaky(c2),
+        conv_transpose(c2, 1, 2), nn.Tanh(),
+    )
+    d1, d2 = spec.d_channels
+    discriminator = nn.Sequential(
+        nn.Conv2d(1, d1, KERNEL, 2, padding=KERNEL // 2), nn.LeakyReLU(LEAKY_SLOPE),
+        nn.Dropout(DROPOUT_RATE),
+        nn.Conv2d(d1, d2, KERNEL, 2, padding=KERNEL // 2), nn.LeakyReLU(LEAKY_SLOPE),
+        nn.Dropout(DROPOUT_RATE),
+        nn.Flatten(), nn.Linear((IMAGE_SIZE // 4) ** 2 * d2, 1),
+    )
+    for module in [*generator, *discriminator]:
+        if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    return generator, discriminator
+
+
+def build_torch(spec: ArchSpec, batch: int, gpu: bool, threads: int, compile_models: bool) -> Built:
+    """Eager PyTorch: one forward pass, both gradients by `torch.autograd.grad`, two Adams."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    if gpu and not torch.cuda.is_available():
+        raise SystemExit("torch sees no CUDA device")
+    device = torch.device("cuda" if gpu else "cpu")
+    generator, discriminator = (model.to(device) for model in torch_models(spec))
+    g_params, d_params = list(generator.parameters()), list(discriminator.parameters())
+    g_opt, d_opt = (torch.optim.Adam(params, CONFIG.learning_rate, (CONFIG.beta1, CONFIG.beta2),
+                                     eps=ADAM_EPSILON) for params in (g_params, d_params))
+    if compile_models:
+        # The d_loss gradient retains the graph: compiled backwards must not donate buffers.
+        torch._functorch.config.donated_buffer = False
+        generator, discriminator = torch.compile(generator), torch.compile(discriminator)
+    sample_noise = torch.rand if spec.noise == "uniform" else torch.randn
+    images = torch.from_numpy(fixed_images(batch)).permute(0, 3, 1, 2).contiguous().to(device)
+
+    def bce(logits: torch.Tensor, label: float) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, label))
+
+    def step() -> float:
+        fake = generator(sample_noise(batch, LATENT_DIM, device=device))
+        real_logits, fake_logits = discriminator(torch.cat([images, fake]))[:, 0].chunk(2)
+        d_loss = (bce(real_logits, 1.0) + bce(fake_logits, 0.0)) / 2
+        g_loss = bce(fake_logits, 1.0)
+        d_grads = torch.autograd.grad(d_loss, d_params, retain_graph=True)
+        g_grads = torch.autograd.grad(g_loss, g_params)
+        for params, grads, opt in ((d_params, d_grads, d_opt), (g_params, g_grads, g_opt)):
+            for param, grad in zip(params, grads):
+                param.grad = grad
+            opt.step()
+        return d_loss.item()  # Waits for the whole step, on the GPU too.
+
+    name = torch.cuda.get_device_name(device) if gpu else "cpu"
+    return Built(step, torch.__version__, name)
+
+
+def build(args: argparse.Namespace) -> Built:
+    gpu = args.device == "gpu"
+    if args.worker == "jax":
+        return build_jax(args.arch, args.batch, gpu)
+    if args.worker == "tf":
+        return build_tf(ARCHS[args.arch], args.batch)
+    return build_torch(ARCHS[args.arch], args.batch, gpu, args.torch_threads, args.torch_compile)
+
+
+def timed(step: Callable[[], float]) -> tuple[float, float]:
+    """Runs `step` once: (seconds, d_loss)."""
+    start = time.perf_counter()
+    d_loss = step()
+    return time.perf_counter() - start, d_loss
+
+
+def run_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """Builds one framework's step, warms it up and times `args.steps` steps one by one."""
+    built = build(args)
+    first_step_s, first_d_loss = timed(built.step)
+    for _ in range(args.warmup - 1):
+        built.step()
+    step_s = [timed(built.step)[0] for _ in range(args.steps)]
+    return {
+        "framework": args.worker,
+        "version": built.version,
+        "device": built.device,
+        "first_step_s": first_step_s,
+        "first_d_loss": first_d_loss,
+        "step_s": step_s,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+# --- The parent: run the workers, summarise ---------------------------------------------------
+
+
+def spawn_worker(framework: str, arch: str, batch: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Runs one worker in a fresh interpreter and returns its JSON line."""
+    command = [sys.executable, __file__, "--worker", framework, "--arch", arch,
+               "--batch", str(batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--device", args.device, "--torch-threads", str(args.torch_threads),
+               *(["--torch-compile"] if args.torch_compile else [])]
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        raise SystemExit(f"{framework} worker failed ({arch}, batch {batch}, "
+                         f"exit {proc.returncode}):\n{tail}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def summarize(arch: str, batch: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One framework's rounds at one (arch, batch), reduced to the table's numbers."""
+    steps = [s for run in runs for s in run["step_s"]]
+    median = statistics.median(steps)
+    q1, _, q3 = statistics.quantiles(steps, n=4) if len(steps) > 1 else (median,) * 3
+    return {
+        "arch": arch,
+        "batch": batch,
+        "framework": runs[0]["framework"],
+        "version": runs[0]["version"],
+        "device": runs[0]["device"],
+        "median_step_s": median,
+        "iqr_pct": 100 * (q3 - q1) / median,
+        "images_per_s": batch / median,
+        "gflops_per_s": step_flops(ARCHS[arch], batch) / median / 1e9,
+        "first_step_s": statistics.median(run["first_step_s"] for run in runs),
+        "first_d_loss": runs[0]["first_d_loss"],
+        "peak_rss_mb": max(run["peak_rss_mb"] for run in runs),
+        "round_medians_s": [statistics.median(run["step_s"]) for run in runs],
+    }
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Sets each row's `vs_ours`: its median s/step over jax's at the same (arch, batch)."""
+    ours = {(r["arch"], r["batch"]): r["median_step_s"] for r in rows if r["framework"] == "jax"}
+    for row in rows:
+        reference = ours.get((row["arch"], row["batch"]))
+        row["vs_ours"] = row["median_step_s"] / reference if reference else None
+
+
+def benchmark(args: argparse.Namespace, frameworks: Sequence[str]) -> list[dict[str, Any]]:
+    """Every (arch, batch), each framework once per round, interleaved."""
+    rows = []
+    for arch in args.archs:
+        for batch in args.batches:
+            runs: dict[str, list[dict[str, Any]]] = {fw: [] for fw in frameworks}
+            for round_ in range(1, args.rounds + 1):
+                for fw in frameworks:
+                    run = spawn_worker(fw, arch, batch, args)
+                    runs[fw].append(run)
+                    print(f"[{arch} b{batch} round {round_}/{args.rounds}] {fw}: "
+                          f"{statistics.median(run['step_s']):.4f} s/step", file=sys.stderr)
+            rows += [summarize(arch, batch, runs[fw]) for fw in frameworks]
+    add_ratios(rows)
+    return rows
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "load_1min": os.getloadavg()[0],  # Other processes' share of the cores shows here.
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def format_table(rows: list[dict[str, Any]], gpu: bool) -> str:
+    """The rows as an aligned text table."""
+    flops_unit, flops_scale = ("TFLOP/s", 1e-3) if gpu else ("GFLOP/s", 1.0)
+    header = ["arch", "batch", "framework", "s/step", "iqr%", "img/s", flops_unit, "first s",
+              "d_loss@1", "RSS MB", "vs ours"]
+    cells = [header] + [[
+        r["arch"], str(r["batch"]), r["framework"], f"{r['median_step_s']:.4f}",
+        f"{r['iqr_pct']:.0f}", f"{r['images_per_s']:.0f}",
+        f"{r['gflops_per_s'] * flops_scale:.{2 if gpu else 1}f}", f"{r['first_step_s']:.2f}",
+        f"{r['first_d_loss']:.3f}", f"{r['peak_rss_mb']:.0f}",
+        "-" if r["vs_ours"] is None else f"{r['vs_ours']:.2f}",
+    ] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in
+                       enumerate(zip(row, widths))) for row in cells]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def report(args: argparse.Namespace, rows: list[dict[str, Any]], notes: list[str]) -> str:
+    """The machine, the versions, the work per step, the table and the notes."""
+    info = machine()
+    versions = {r["framework"]: f"{r['version']} ({r['device']})" for r in rows}
+    work = ", ".join(f"{a} b{b}: {step_flops(ARCHS[a], b) / 1e9:.2f}"
+                     for a in args.archs for b in args.batches)
+    lines = [
+        f"machine: {info['cpu']}, {info['cores']} cores, load {info['load_1min']:.1f} "
+        f"(1 min); python {info['python']}",
+        "versions: " + ", ".join(f"{fw} {v}" for fw, v in versions.items()),
+        f"GFLOP per step (bench.step_flops): {work}",
+        f"{args.rounds} round(s) x {args.steps} timed step(s) after {args.warmup} warmup "
+        f"step(s), device {args.device}; vs ours = framework s/step / jax s/step "
+        "(> 1: ours is faster)",
+        "",
+        format_table(rows, args.device == "gpu"),
+    ]
+    return "\n".join(lines + [f"note: {n}" for n in notes])
+
+
+def write_json(target: str, args: argparse.Namespace, rows: list[dict[str, Any]],
+               notes: list[str]) -> None:
+    document = {
+        "machine": machine(),
+        "settings": {k: getattr(args, k) for k in
+                     ("archs", "batches", "frameworks", "rounds", "steps", "warmup", "device",
+                      "torch_threads", "torch_compile")},
+        "flops_per_step": {f"{a}/{b}": step_flops(ARCHS[a], b)
+                           for a in args.archs for b in args.batches},
+        "results": rows,
+        "notes": notes,
+    }
+    text = json.dumps(document, indent=2)
+    if target == "-":
+        print(text)
+    else:
+        Path(target).write_text(text + "\n")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter)
+    p.add_argument("--archs", nargs="+", choices=sorted(ARCHS), default=["seed", "dcgan"],
+                   help="architectures of digitscape_jax.config.ARCHS")
+    p.add_argument("--batches", nargs="+", type=cli.positive_int, default=[64, 256],
+                   help="batch sizes (images per update)")
+    p.add_argument("--frameworks", nargs="+", choices=FRAMEWORKS, default=list(FRAMEWORKS),
+                   help="which implementations to run; the ratio needs jax")
+    p.add_argument("--rounds", type=cli.positive_int, default=3,
+                   help="runs of each framework per (arch, batch), interleaved")
+    p.add_argument("--steps", type=cli.positive_int, default=10, help="timed steps per run")
+    p.add_argument("--warmup", type=cli.positive_int, default=3,
+                   help="untimed steps before them; the first is reported as 'first s'")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                   help="gpu: jax's default backend and torch's cuda; tf is skipped")
+    p.add_argument("--torch-threads", type=cli.positive_int, default=os.cpu_count() or 1,
+                   help="torch.set_num_threads; jax and tf use every core by default")
+    p.add_argument("--torch-compile", action="store_true", help="torch.compile G and D")
+    p.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
+                   help="also write the results as JSON to FILE, or to stdout without FILE "
+                        "(the table then goes to stderr)")
+    p.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
+    p.add_argument("--arch", choices=sorted(ARCHS), default="seed", help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=cli.positive_int, default=64, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(run_worker(args)))
+        return
+    notes = []
+    frameworks = list(dict.fromkeys(args.frameworks))
+    if args.device == "gpu" and "tf" in frameworks:
+        frameworks.remove("tf")
+        notes.append("tf skipped: this project installs tensorflow-cpu, so the TF peer is CPU-only")
+    if not frameworks:
+        raise SystemExit("no framework left to run")
+    rows = benchmark(args, frameworks)
+    table = report(args, rows, notes)
+    print(table, file=sys.stderr if args.json == "-" else sys.stdout)
+    if args.json:
+        write_json(args.json, args, rows, notes)
+
+
+if __name__ == "__main__":
+    main()
