@@ -117,6 +117,19 @@ def data_parallel_mesh(batch_size: int) -> jax.sharding.Mesh:
     return jax.make_mesh((n,), ("data",), axis_types=(AxisType.Auto,))
 
 
+def startup_report(config: Config, mesh: jax.sharding.Mesh, start: int) -> str:
+    """What the run found and how it will use it: devices, mesh, per-device batch, dtype."""
+    devices = jax.devices()
+    kinds = sorted({d.device_kind for d in devices})
+    return "\n".join([
+        f"devices: {len(devices)} x {jax.default_backend()} ({', '.join(kinds)}); "
+        f"process {jax.process_index()} of {jax.process_count()}",
+        f"mesh: {dict(mesh.shape)}; batch {config.batch_size} = "
+        f"{config.batch_size // mesh.size} per device; compute dtype float32",
+        f"training {config.arch}, steps {start + 1}..{config.steps}",
+    ])
+
+
 @jax.jit
 def all_finite(tree: Any) -> jax.Array:
     """Whether every floating-point value in `tree` is finite."""
@@ -208,9 +221,7 @@ def _train(config: Config, paths: RunPaths, stream: TextIO, warn: Callable[[str]
     else:
         g_state, d_state = states
         progress.write(f"resuming {paths.ckpt_dir} from step {start}")
-    progress.write(f"training {config.arch} on {jax.device_count()} "
-                   f"{jax.devices()[0].platform} device(s), batch {config.batch_size}, "
-                   f"steps {start + 1}..{config.steps}")
+    progress.write(startup_report(config, mesh, start))
 
     last_finite = start
 

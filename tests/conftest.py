@@ -53,9 +53,10 @@ TRAIN_FLAGS = ["--arch", "seed", "--steps", "30", "--log-every", "10", "--sample
                "--ckpt-every", "10"]
 
 
-def run_script(script: str, *args, cwd: Path) -> subprocess.CompletedProcess:
-    """Runs train.py or sample.py in a fresh process, as a user would."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def run_script(script: str, *args, cwd: Path,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Runs train.py or sample.py in a fresh process, as a user would, with `env` added."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
 
