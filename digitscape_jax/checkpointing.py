@@ -15,7 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
-import jax
 import orbax.checkpoint as ocp
 from flax.training import train_state
 

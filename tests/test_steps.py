@@ -96,7 +96,8 @@ def test_one_forward_pass_gives_each_network_its_own_loss_gradient(real_batch):
                 "d": jax.grad(d_loss, 1)(g_state.params, d_state.params)}
     for net in ("g", "d"):
         scale = max(float(jnp.abs(x).max()) for x in jax.tree.leaves(expected[net]))
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * scale),
+        jax.tree.map(lambda a, b, scale=scale: np.testing.assert_allclose(
+                         a, b, rtol=1e-4, atol=1e-4 * scale),
                      applied[net], expected[net])
     np.testing.assert_allclose(metrics["d_loss"], d_loss(g_state.params, d_state.params), rtol=1e-6)
     np.testing.assert_allclose(metrics["g_loss"], g_loss(g_state.params, d_state.params), rtol=1e-6)
