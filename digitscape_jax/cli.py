@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
+from digitscape_jax.config import MAX_SEED
 from digitscape_jax.errors import UserError
+
+T = TypeVar("T")
 
 
 def one_line(text: str) -> str:
@@ -30,48 +34,28 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see --help)\n")
 
 
-MAX_SEED = 2**63
+def _checked(parse: Callable[[str], T], within: Callable[[T], bool], expected: str,
+             bound: str) -> Callable[[str], T]:
+    """An argparse `type`: `parse` the text, then require `within(value)`."""
+
+    def check(text: str) -> T:
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not within(value):
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+
+    return check
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
-def seed(text: str) -> int:
-    """A random seed: an integer in [0, 2**63), what JAX and TensorFlow accept."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if not 0 <= value < MAX_SEED:
-        raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not 0.0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be positive and finite, got {text}")
-    return value
-
-
-def unit_interval(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
+positive_int = _checked(int, lambda v: v > 0, "a positive integer", "positive")
+positive_float = _checked(float, lambda v: 0.0 < v < float("inf"), "a positive number",
+                          "positive and finite")
+unit_interval = _checked(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)", "in [0, 1)")
+# A random seed: what JAX and TensorFlow accept.
+seed = _checked(int, lambda v: 0 <= v < MAX_SEED, "an integer >= 0", "in [0, 2**63)")
 
 
 def run(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> int:

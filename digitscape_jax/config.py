@@ -41,6 +41,8 @@ ARCHS: dict[str, ArchSpec] = {
 
 DEFAULT_ARCH = "dcgan"
 
+MAX_SEED = 2**63  # Seeds are int64 in JAX and TensorFlow.
+
 # Fields that define the networks' shapes: a checkpoint can only be resumed or
 # sampled with the values it was written with.
 MODEL_FIELDS = ("arch", "latent_dim")
@@ -72,7 +74,7 @@ class Config:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0.0 < self.learning_rate < float("inf"):
             raise UserError(f"learning_rate must be positive and finite, got {self.learning_rate}")
-        if not 0 <= self.seed < 2**63:
+        if not 0 <= self.seed < MAX_SEED:
             raise UserError(f"seed must be in [0, 2**63), got {self.seed}")
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:

@@ -32,12 +32,17 @@ def image_grid(images: np.ndarray, rows: int, cols: int) -> np.ndarray:
     return grid
 
 
-def save_grid(path: str | Path, images: np.ndarray, rows: int, cols: int) -> Path:
-    """Writes `images` as a rows x cols grid PNG, creating the folder if needed."""
+def save_image(path: str | Path, image: np.ndarray) -> Path:
+    """Writes a uint8 (H, W) image as a grayscale PNG, creating the folder if needed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image_grid(images, rows, cols), mode="L").save(path)
+    Image.fromarray(image, mode="L").save(path)
     return path
+
+
+def save_grid(path: str | Path, images: np.ndarray, rows: int, cols: int) -> Path:
+    """Writes `images` as a rows x cols grid PNG."""
+    return save_image(path, image_grid(images, rows, cols))
 
 
 def save_gif(path: str | Path, frames: list[np.ndarray], frame_ms: int = 400) -> Path:

@@ -27,7 +27,7 @@ from digitscape_jax.config import Config
 from digitscape_jax.errors import TrainingDiverged, UserError
 from digitscape_jax.metrics import MetricsLog, TensorBoardLog, format_metrics
 from digitscape_jax.models import Generator, sample_noise
-from digitscape_jax.plots import plot_losses, save_gif, save_grid
+from digitscape_jax.plots import image_grid, plot_losses, save_gif, save_grid, save_image
 from digitscape_jax.progress import Progress, format_duration
 from digitscape_jax.sampling import render
 from digitscape_jax.steps import GeneratorState, abstract_states, create_states, jit_train_step
@@ -77,14 +77,14 @@ class RunOutputs:
 
     def sample(self, step: int, g_state: GeneratorState) -> None:
         """The fixed-noise row of `step`, and the GIF and loss curves up to it."""
-        row = self.paths.sample_row(step)
-        save_grid(row, self.digits(g_state, ROW_LENGTH), 1, ROW_LENGTH)
+        row = image_grid(self.digits(g_state, ROW_LENGTH), 1, ROW_LENGTH)
+        save_image(self.paths.sample_row(step), row)
         if self.tensorboard:
-            self.tensorboard.image(step, "samples", np.asarray(Image.open(row)))
-        steps = range(self.config.sample_every, step + 1, self.config.sample_every)
-        frames = [np.asarray(Image.open(self.paths.sample_row(s)))
-                  for s in steps if self.paths.sample_row(s).exists()]
-        save_gif(self.paths.ckpt_dir / PROGRESS_GIF, frames)
+            self.tensorboard.image(step, "samples", row)
+        earlier = range(self.config.sample_every, step, self.config.sample_every)
+        frames = [np.asarray(Image.open(self.paths.sample_row(s)))  # written by earlier runs too
+                  for s in earlier if self.paths.sample_row(s).exists()]
+        save_gif(self.paths.ckpt_dir / PROGRESS_GIF, [*frames, row])
         self.plot()
 
     def plot(self) -> None:
