@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from digitscape_jax import cli
-from digitscape_jax.config import ARCHS, DEFAULT_ARCH, Config
+from digitscape_jax.config import ARCHS, COMPUTE_DTYPES, DEFAULT_ARCH, Config
 
 
 def parse_args(argv: Sequence[str] | None = None):
@@ -49,13 +49,36 @@ def parse_args(argv: Sequence[str] | None = None):
                         "(train-images-idx3-ubyte.gz, ...), prepared once into --data-dir")
     p.add_argument("--data-dir", default=None, metavar="DIR",
                    help="tensorflow-datasets data dir (default: tfds's, ~/tensorflow_datasets)")
+    p.add_argument("--dtype", choices=COMPUTE_DTYPES, default=None,
+                   help="compute dtype; params, optimizer state, BatchNorm statistics and losses "
+                        "stay float32. Default: bfloat16 on TPU, float32 elsewhere")
+    multi = p.add_argument_group(
+        "many processes", "one train.py per host (or per GPU), all with the same flags; "
+                          "process 0 writes the files, so --ckpt-dir must be a shared folder")
+    multi.add_argument("--distributed", action="store_true",
+                       help="join a multi-process run whose cluster JAX detects itself "
+                            "(Cloud TPU pods, SLURM, Open MPI)")
+    multi.add_argument("--coordinator", metavar="HOST:PORT", default=None,
+                       help="join a multi-process run coordinated by process 0 at HOST:PORT; "
+                            "needs --num-processes and --process-id")
+    multi.add_argument("--num-processes", type=cli.positive_int, default=None,
+                       help="processes in the run")
+    multi.add_argument("--process-id", type=cli.non_negative_int, default=None,
+                       help="this process's index, 0..num-processes-1")
     p.add_argument("--tensorboard", action="store_true",
                    help="also write TensorBoard events (scalars and sample rows) to "
                         "<ckpt-dir>/tensorboard")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    cluster = (args.coordinator, args.num_processes, args.process_id)
+    if any(v is not None for v in cluster) and any(v is None for v in cluster):
+        p.error("--coordinator, --num-processes and --process-id go together")
+    if args.process_id is not None and args.process_id >= args.num_processes:
+        p.error(f"--process-id {args.process_id} must be below --num-processes {args.num_processes}")
+    args.distributed = args.distributed or args.coordinator is not None
+    return args
 
 
-def config_from_args(args) -> Config:
+def config_from_args(args, default_dtype: str = "float32") -> Config:
     """The run's Config from parsed flags; the arch decides the default batch size."""
     return Config(
         arch=args.arch,
@@ -65,6 +88,7 @@ def config_from_args(args) -> Config:
         beta1=args.beta1,
         beta2=args.beta2,
         seed=args.seed,
+        dtype=args.dtype or default_dtype,
         steps=args.steps,
         log_every=args.log_every,
         sample_every=args.sample_every,
@@ -74,10 +98,13 @@ def config_from_args(args) -> Config:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    config = config_from_args(args)
     # Imported here so that --help and flag errors answer without loading JAX and TensorFlow.
+    from digitscape_jax import parallel
     from digitscape_jax.trainer import RunPaths, train
 
+    if args.distributed:
+        parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    config = config_from_args(args, parallel.default_dtype())
     train(config, RunPaths(args.ckpt_dir, args.samples_dir, args.data_dir, args.mnist_idx,
                            args.tensorboard))
 

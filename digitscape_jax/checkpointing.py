@@ -18,6 +18,7 @@ from typing import Any, TextIO, TypeVar
 import orbax.checkpoint as ocp
 from flax.training import train_state
 
+from digitscape_jax import parallel
 from digitscape_jax.config import Config
 from digitscape_jax.errors import CorruptCheckpoint, UserError
 from digitscape_jax.steps import GeneratorState
@@ -109,9 +110,10 @@ class Checkpointer:
         """Renames the steps newer than `step` to `<step>.corrupt`, out of the way of new saves.
 
         Nothing is deleted: a damaged checkpoint stays on disk for inspection.
+        The primary process renames; the others wait for it and reread the list.
         """
         moved = []
-        for newer in (s for s in self.all_steps() if s > step):
+        for newer in (s for s in self.all_steps() if s > step and parallel.is_primary()):
             target = self.directory / f"{newer}.corrupt"
             for n in itertools.count(2):
                 if not target.exists():
@@ -119,6 +121,7 @@ class Checkpointer:
                 target = self.directory / f"{newer}.corrupt-{n}"
             os.replace(self.directory / str(newer), target)
             moved.append(target)
+        parallel.sync(f"set aside checkpoints after {step}")
         self._manager.reload()
         return moved
 

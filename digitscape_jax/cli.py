@@ -51,6 +51,7 @@ def _checked(parse: Callable[[str], T], within: Callable[[T], bool], expected: s
 
 
 positive_int = _checked(int, lambda v: v > 0, "a positive integer", "positive")
+non_negative_int = _checked(int, lambda v: v >= 0, "an integer >= 0", ">= 0")
 positive_float = _checked(float, lambda v: 0.0 < v < float("inf"), "a positive number",
                           "positive and finite")
 unit_interval = _checked(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)", "in [0, 1)")

@@ -13,6 +13,9 @@ from typing import Any, Literal
 from digitscape_jax.errors import UserError
 
 NoiseKind = Literal["uniform", "normal"]
+# Compute dtypes of the forward and backward passes; params, optimizer state,
+# BatchNorm statistics and losses are float32 under either.
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +64,7 @@ class Config:
     beta1: float = 0.9
     beta2: float = 0.999
     seed: int = 0
+    dtype: str = "float32"
     steps: int = 20_000
     log_every: int = 100
     sample_every: int = 1_000
@@ -74,6 +78,8 @@ class Config:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0.0 < self.learning_rate < float("inf"):
             raise UserError(f"learning_rate must be positive and finite, got {self.learning_rate}")
+        if self.dtype not in COMPUTE_DTYPES:
+            raise UserError(f"unknown dtype {self.dtype!r}; choose one of {list(COMPUTE_DTYPES)}")
         if not 0 <= self.seed < MAX_SEED:
             raise UserError(f"seed must be in [0, 2**63), got {self.seed}")
         for name in ("beta1", "beta2"):

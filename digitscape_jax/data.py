@@ -10,7 +10,7 @@ from __future__ import annotations
 import gzip
 import socket
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import jax
@@ -140,13 +140,16 @@ def to_unit_range(images: tf.Tensor) -> tf.Tensor:
 
 
 def train_batches(
-    images: np.ndarray, batch_size: int, seed: int, start_step: int = 0
+    images: np.ndarray, batch_size: int, seed: int, start_step: int = 0,
+    rows: slice = slice(None),
 ) -> tf.data.Dataset:
     """Endless shuffled batches in [-1, 1]; batch `s` depends only on (seed, s).
 
     Each epoch is a fresh stateless permutation of the whole split, keyed by
     (seed, epoch); the epochs are concatenated and cut into full batches, so
     the stream can be started at any step without replaying earlier ones.
+    Only `rows` of each batch are read: a process's part of the global batch,
+    so that the processes of a run read disjoint images.
     """
     n = len(images)
     if batch_size > n:
@@ -165,19 +168,19 @@ def train_batches(
         .flat_map(epoch_order)
         .skip(first % n)
         .batch(batch_size, drop_remainder=True)
-        .map(lambda index: to_unit_range(tf.gather(pixels, index)),
+        .map(lambda index: to_unit_range(tf.gather(pixels, index[rows.start:rows.stop])),
              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         .prefetch(tf.data.AUTOTUNE)
     )
 
 
 def prefetch_to_device(
-    batches: Iterator[np.ndarray], sharding: jax.sharding.Sharding, size: int = 2
+    batches: Iterator[np.ndarray], to_device: Callable[[np.ndarray], jax.Array], size: int = 2
 ) -> Iterator[jax.Array]:
     """Keeps `size` batches in flight to the devices, so the step loop never waits on a copy."""
     in_flight: list[jax.Array] = []
     for batch in batches:
-        in_flight.append(jax.device_put(batch, sharding))
+        in_flight.append(to_device(batch))
         if len(in_flight) > size:
             yield in_flight.pop(0)
     yield from in_flight

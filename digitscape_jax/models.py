@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -33,8 +34,10 @@ def leaky_relu(x: jax.Array) -> jax.Array:
     return nn.leaky_relu(x, negative_slope=LEAKY_SLOPE)
 
 
-def batch_norm(train: bool) -> nn.BatchNorm:
-    return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON)
+def batch_norm(train: bool, dtype: Any) -> nn.BatchNorm:
+    """Keras's BatchNorm; its statistics are reduced and kept in float32 whatever `dtype` is."""
+    return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                        dtype=dtype)
 
 
 @functools.cache
@@ -78,6 +81,7 @@ class ConvTranspose(nn.Module):
     features: int
     kernel_size: int = 5
     strides: int = 1
+    dtype: Any = jnp.float32  # of the computation; the kernel parameter stays float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -91,8 +95,8 @@ class ConvTranspose(nn.Module):
         n_taps = taps.shape[1]
         phase_kernel = phase_kernel.reshape(n_taps, n_taps, x.shape[-1], s * s * self.features)
         y = jax.lax.conv_general_dilated(
-            x,
-            phase_kernel,
+            x.astype(self.dtype),
+            phase_kernel.astype(self.dtype),
             window_strides=(1, 1),
             padding=((pad_lo, pad_hi), (pad_lo, pad_hi)),
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
@@ -103,31 +107,40 @@ class ConvTranspose(nn.Module):
 
 
 class Generator(nn.Module):
-    """Noise (N, latent_dim) -> images (N, 28, 28, 1) in [-1, 1]."""
+    """Noise (N, latent_dim) -> images (N, 28, 28, 1) in [-1, 1].
+
+    `dtype` is the compute dtype (bfloat16 for mixed precision); params and
+    BatchNorm statistics are float32 either way.
+    """
 
     spec: ArchSpec
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, z: jax.Array, train: bool) -> jax.Array:
         c0 = self.spec.g_dense_channels
         c1, c2 = self.spec.g_conv_channels
-        x = nn.Dense(SEED_SIZE * SEED_SIZE * c0, use_bias=False, kernel_init=glorot_uniform)(z)
-        x = leaky_relu(batch_norm(train)(x))
+        dtype = self.dtype
+        x = nn.Dense(SEED_SIZE * SEED_SIZE * c0, use_bias=False, kernel_init=glorot_uniform,
+                     dtype=dtype)(z)
+        x = leaky_relu(batch_norm(train, dtype)(x))
         x = x.reshape(-1, SEED_SIZE, SEED_SIZE, c0)
-        x = leaky_relu(batch_norm(train)(ConvTranspose(c1, strides=1)(x)))
-        x = leaky_relu(batch_norm(train)(ConvTranspose(c2, strides=2)(x)))
-        return jnp.tanh(ConvTranspose(IMAGE_SHAPE[-1], strides=2)(x))
+        x = leaky_relu(batch_norm(train, dtype)(ConvTranspose(c1, strides=1, dtype=dtype)(x)))
+        x = leaky_relu(batch_norm(train, dtype)(ConvTranspose(c2, strides=2, dtype=dtype)(x)))
+        return jnp.tanh(ConvTranspose(IMAGE_SHAPE[-1], strides=2, dtype=dtype)(x))
 
 
 class Discriminator(nn.Module):
-    """Images (N, 28, 28, 1) -> real/fake logits (N, 1)."""
+    """Images (N, 28, 28, 1) -> real/fake logits (N, 1), float32 whatever the compute dtype."""
 
     spec: ArchSpec
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         for channels in self.spec.d_channels:
-            x = nn.Conv(channels, (5, 5), strides=2, padding="SAME", kernel_init=glorot_uniform)(x)
+            x = nn.Conv(channels, (5, 5), strides=2, padding="SAME", kernel_init=glorot_uniform,
+                        dtype=self.dtype)(x)
             x = nn.Dropout(DROPOUT_RATE, deterministic=not train)(leaky_relu(x))
         x = x.reshape(x.shape[0], -1)
-        return nn.Dense(1, kernel_init=glorot_uniform)(x)
+        return nn.Dense(1, kernel_init=glorot_uniform, dtype=self.dtype)(x).astype(jnp.float32)

@@ -1,4 +1,5 @@
-"""What a person watching training sees: a progress bar on a terminal, plain lines elsewhere."""
+"""What a person watching training sees: a progress bar on a terminal or in a notebook, plain
+lines elsewhere."""
 
 from __future__ import annotations
 
@@ -12,18 +13,21 @@ from digitscape_jax.metrics import format_metrics
 
 
 class Progress:
-    """A tqdm bar with ETA, steps/s and the latest metrics when `stream` is a terminal.
+    """A tqdm bar with ETA, steps/s and the latest metrics when `stream` is a terminal, or a
+    Jupyter kernel's output (a notebook cell, Colab's included: it redraws the bar on `\\r`).
 
-    Elsewhere (CI, nohup, notebooks without widgets) it prints one plain line per
-    report instead, so that logs stay readable.
+    Elsewhere (CI, nohup, files) it prints one plain line per report instead, so that logs
+    stay readable.
     """
 
     def __init__(self, start: int, total: int, stream: TextIO | None = None):
         self.stream = stream = stream or sys.stdout
         self.total = total
         self.started = time.perf_counter()
-        self.bar = (tqdm(total=total, initial=start, unit="step", file=stream, dynamic_ncols=True)
-                    if stream.isatty() else None)
+        terminal = stream.isatty()
+        self.bar = (tqdm(total=total, initial=start, unit="step", file=stream,
+                         dynamic_ncols=terminal)
+                    if terminal or in_notebook(stream) else None)
 
     def advance(self) -> None:
         if self.bar is not None:
@@ -47,6 +51,13 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
         return time.perf_counter() - self.started
+
+
+def in_notebook(stream: TextIO) -> bool:
+    """Whether `stream` is the output of a Jupyter kernel (ipykernel's, as in Colab)."""
+    iostream = sys.modules.get("ipykernel.iostream")  # Present only inside a kernel.
+    out_stream = getattr(iostream, "OutStream", None)
+    return out_stream is not None and isinstance(stream, out_stream)
 
 
 def format_duration(seconds: float) -> str:

@@ -34,7 +34,8 @@ class GeneratorState(train_state.TrainState):
 def create_states(config: Config, key: jax.Array) -> tuple[GeneratorState, train_state.TrainState]:
     """Freshly initialised G and D states, each with its own Adam."""
     g_key, d_key = jax.random.split(key)
-    generator, discriminator = Generator(config.spec), Discriminator(config.spec)
+    dtype = jnp.dtype(config.dtype)
+    generator, discriminator = Generator(config.spec, dtype), Discriminator(config.spec, dtype)
     g_vars = generator.init(g_key, jnp.zeros((1, config.latent_dim)), train=False)
     d_vars = discriminator.init(d_key, jnp.zeros((1, *IMAGE_SHAPE)), train=False)
 
@@ -52,10 +53,13 @@ def create_states(config: Config, key: jax.Array) -> tuple[GeneratorState, train
 
 
 def abstract_states(config: Config, sharding: jax.sharding.Sharding | None = None) -> Any:
-    """Shapes and dtypes of (g_state, d_state) for `config`, computed without running anything."""
+    """Shapes, dtypes and placement of (g_state, d_state) for `config`, computed without running.
+
+    Placed by `sharding`, by default on this process's first device: a checkpoint
+    written by any number of devices or processes restores onto it.
+    """
     abstract = jax.eval_shape(lambda: create_states(config, jax.random.key(0)))
-    if sharding is None:
-        return abstract
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
 
 

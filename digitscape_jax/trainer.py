@@ -7,7 +7,9 @@ would, because the batches and every random draw are functions of (seed, step).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import signal
 import sys
 import time
@@ -18,13 +20,12 @@ from typing import Any, TextIO
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, NamedSharding, PartitionSpec
 from PIL import Image
 
-from digitscape_jax import cli, data
+from digitscape_jax import cli, data, parallel
 from digitscape_jax.checkpointing import Checkpointer, RunLock
 from digitscape_jax.config import Config
-from digitscape_jax.errors import TrainingDiverged, UserError
+from digitscape_jax.errors import TrainingDiverged
 from digitscape_jax.metrics import MetricsLog, TensorBoardLog, format_metrics
 from digitscape_jax.models import Generator, sample_noise
 from digitscape_jax.plots import image_grid, plot_losses, save_gif, save_grid, save_image
@@ -56,18 +57,27 @@ class RunPaths:
 
 
 class RunOutputs:
-    """The pictures and logs of a run, written at its logging and sampling points only."""
+    """The pictures and logs of a run, written at its logging and sampling points only.
 
-    def __init__(self, config: Config, paths: RunPaths, sample_key: jax.Array):
+    Every process computes the digits (they come from the replicated state);
+    only the primary one writes files.
+    """
+
+    def __init__(self, config: Config, paths: RunPaths, sample_key: jax.Array,
+                 sharding: jax.sharding.Sharding):
         self.config, self.paths = config, paths
+        self.primary = parallel.is_primary()
         self.generator = Generator(config.spec)
-        self.fixed_noise = sample_noise(sample_key, config.spec.noise,
-                                        (FINAL_ROWS * FINAL_COLS, config.latent_dim))
+        self.fixed_noise = jax.device_put(
+            sample_noise(sample_key, config.spec.noise, (FINAL_ROWS * FINAL_COLS, config.latent_dim)),
+            sharding)
         self.metrics = MetricsLog(paths.ckpt_dir)
         self.tensorboard = (TensorBoardLog(paths.ckpt_dir / TENSORBOARD_DIR)
-                            if paths.tensorboard else None)
+                            if paths.tensorboard and self.primary else None)
 
     def log(self, record: dict[str, float]) -> None:
+        if not self.primary:
+            return
         self.metrics.append(record)
         if self.tensorboard:
             self.tensorboard.scalars(record["step"], {k: v for k, v in record.items() if k != "step"})
@@ -78,6 +88,8 @@ class RunOutputs:
     def sample(self, step: int, g_state: GeneratorState) -> None:
         """The fixed-noise row of `step`, and the GIF and loss curves up to it."""
         row = image_grid(self.digits(g_state, ROW_LENGTH), 1, ROW_LENGTH)
+        if not self.primary:
+            return
         save_image(self.paths.sample_row(step), row)
         if self.tensorboard:
             self.tensorboard.image(step, "samples", row)
@@ -93,9 +105,10 @@ class RunOutputs:
             plot_losses(records, self.paths.ckpt_dir / LOSSES_PLOT)
 
     def finish(self, g_state: GeneratorState) -> None:
-        save_grid(self.paths.ckpt_dir / FINAL_GRID,
-                  self.digits(g_state, FINAL_ROWS * FINAL_COLS), FINAL_ROWS, FINAL_COLS)
-        self.plot()
+        digits = self.digits(g_state, FINAL_ROWS * FINAL_COLS)
+        if self.primary:
+            save_grid(self.paths.ckpt_dir / FINAL_GRID, digits, FINAL_ROWS, FINAL_COLS)
+            self.plot()
 
     def where(self) -> list[tuple[str, Path]]:
         """Every output of the run, for the closing summary."""
@@ -107,27 +120,6 @@ class RunOutputs:
         if self.tensorboard:
             places.append(("TensorBoard", ckpt / TENSORBOARD_DIR))
         return places
-
-
-def data_parallel_mesh(batch_size: int) -> jax.sharding.Mesh:
-    """A 1-D mesh over every device; the batch is split along its `data` axis."""
-    n = jax.device_count()
-    if batch_size % n:
-        raise UserError(f"--batch-size {batch_size} is not divisible by the {n} devices")
-    return jax.make_mesh((n,), ("data",), axis_types=(AxisType.Auto,))
-
-
-def startup_report(config: Config, mesh: jax.sharding.Mesh, start: int) -> str:
-    """What the run found and how it will use it: devices, mesh, per-device batch, dtype."""
-    devices = jax.devices()
-    kinds = sorted({d.device_kind for d in devices})
-    return "\n".join([
-        f"devices: {len(devices)} x {jax.default_backend()} ({', '.join(kinds)}); "
-        f"process {jax.process_index()} of {jax.process_count()}",
-        f"mesh: {dict(mesh.shape)}; batch {config.batch_size} = "
-        f"{config.batch_size // mesh.size} per device; compute dtype float32",
-        f"training {config.arch}, steps {start + 1}..{config.steps}",
-    ])
 
 
 @jax.jit
@@ -172,7 +164,10 @@ def train(config: Config, paths: RunPaths, stream: TextIO | None = None,
     Progress goes to `stream` (stdout by default), warnings to `warn`. Returns
     the step it stopped at: `config.steps`, or earlier on SIGTERM/SIGINT.
     """
-    with RunLock(paths.ckpt_dir), StopRequest() as stop:
+    if not parallel.is_primary():  # The primary process speaks and holds the lock for all.
+        stream, warn = io.StringIO(), lambda message: None
+    lock = RunLock(paths.ckpt_dir) if parallel.is_primary() else contextlib.nullcontext()
+    with lock, StopRequest() as stop:
         return _train(config, paths, stream or sys.stdout, warn, stop)
 
 
@@ -198,9 +193,8 @@ def _resume(config: Config, ckpt: Checkpointer, abstract: Any, warn: Callable[[s
 
 def _train(config: Config, paths: RunPaths, stream: TextIO, warn: Callable[[str], None],
            stop: StopRequest) -> int:
-    mesh = data_parallel_mesh(config.batch_size)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    mesh = parallel.data_parallel_mesh(config.batch_size)
+    replicated = parallel.replicated(mesh)
 
     ckpt = Checkpointer(paths.ckpt_dir)
     start, states = _resume(config, ckpt, abstract_states(config, replicated), warn)
@@ -209,19 +203,24 @@ def _train(config: Config, paths: RunPaths, stream: TextIO, warn: Callable[[str]
               "nothing to do", file=stream)
         return start
 
-    data.prepare_mnist(paths.data_dir, paths.mnist_idx)
+    for turn in ("primary", "others"):  # One at a time: processes may share a data dir.
+        if parallel.is_primary() == (turn == "primary"):
+            data.prepare_mnist(paths.data_dir, paths.mnist_idx)
+        parallel.sync(f"mnist prepared by the {turn}")
     images, _ = data.load_split("train", paths.data_dir)
     init_key, step_key, sample_key = jax.random.split(jax.random.key(config.seed), 3)
-    outputs = RunOutputs(config, paths, sample_key)
+    outputs = RunOutputs(config, paths, sample_key, replicated)
     progress = Progress(start, config.steps, stream)
-    outputs.metrics.truncate_after(start)  # Records past the checkpoint are logged again.
+    if outputs.primary:
+        outputs.metrics.truncate_after(start)  # Records past the checkpoint are logged again.
     if states is None:
         g_state, d_state = jax.device_put(create_states(config, init_key), replicated)
-        save_grid(paths.ckpt_dir / REAL_IMAGES, images[:ROW_LENGTH], 1, ROW_LENGTH)
+        if outputs.primary:
+            save_grid(paths.ckpt_dir / REAL_IMAGES, images[:ROW_LENGTH], 1, ROW_LENGTH)
     else:
         g_state, d_state = states
         progress.write(f"resuming {paths.ckpt_dir} from step {start}")
-    progress.write(startup_report(config, mesh, start))
+    progress.write(parallel.startup_report(config, mesh, start))
 
     last_finite = start
 
@@ -238,9 +237,10 @@ def _train(config: Config, paths: RunPaths, stream: TextIO, warn: Callable[[str]
         last_finite = step
 
     step_fn = jit_train_step(config)
+    rows = parallel.process_rows(mesh, config.batch_size)
     batches = data.prefetch_to_device(
-        data.train_batches(images, config.batch_size, config.seed, start).as_numpy_iterator(),
-        batch_sharding,
+        data.train_batches(images, config.batch_size, config.seed, start, rows).as_numpy_iterator(),
+        lambda local_rows: parallel.global_batch(local_rows, mesh, config.batch_size),
     )
     compile_start = time.perf_counter()
     first_step_s = interval_start = 0.0
@@ -257,12 +257,18 @@ def _train(config: Config, paths: RunPaths, stream: TextIO, warn: Callable[[str]
                 interval_start, interval_steps = time.perf_counter(), 0
             else:
                 interval_steps += 1
-            stopping = stop.signal_name is not None and step < config.steps
             logging = step % config.log_every == 0 or step == config.steps
             sampling = step % config.sample_every == 0
+            requested = stop.signal_name is not None
+            if jax.process_count() > 1:  # Agreeing costs a collective: only at log and save steps.
+                requested = ((logging or step % config.ckpt_every == 0)
+                             and parallel.any_process(requested))
+            stopping = requested and step < config.steps
             saving = step % config.ckpt_every == 0 or step == config.steps or stopping
             if logging or sampling or saving:  # Never log, draw or save a diverged state.
                 check_finite(step, (g_state, d_state, metrics))
+            if saving:
+                parallel.check_replicas_agree((g_state, d_state), step)
             if logging:
                 logged = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 elapsed = time.perf_counter() - interval_start
@@ -275,7 +281,8 @@ def _train(config: Config, paths: RunPaths, stream: TextIO, warn: Callable[[str]
             if sampling:
                 outputs.sample(step, g_state)
             if stopping:
-                progress.write(f"{stop.signal_name}: stopped at step {step} and saved a checkpoint "
+                progress.write(f"{stop.signal_name or 'another process was stopped'}: stopped at "
+                               f"step {step} and saved a checkpoint "
                                f"in {paths.ckpt_dir}; rerun the same command to resume")
                 return step
         outputs.finish(g_state)
