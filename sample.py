@@ -36,6 +36,12 @@ def parse_args(argv: Sequence[str] | None = None):
     p.add_argument("--grid", type=grid, default=None, metavar="ROWSxCOLS",
                    help="layout of the grid PNG (default: as square as possible); with "
                         "--interpolate, walks x frames (default: 8x32)")
+    p.add_argument("--raw", action="store_true",
+                   help="use G's trained weights instead of their moving average (see "
+                        "train.py --ema-decay)")
+    p.add_argument("--digit", type=int, choices=range(10), default=None, metavar="0-9",
+                   help="draw only this digit (a --conditional checkpoint; by default it draws "
+                        "a row of each digit)")
     p.add_argument("--seed", type=cli.seed, default=0,
                    help="seed of the noise; the same seed gives the same digits")
     p.add_argument("--out", type=Path, default=Path("samples.png"),
@@ -77,10 +83,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from digitscape_jax import export
     from digitscape_jax.plots import grid_shape, image_grid, save_gif, save_grid
-    from digitscape_jax.sampling import generate, load_generator, render_walks
+    from digitscape_jax.sampling import class_labels, generate, load_generator, render_walks
 
-    config, variables, step = load_generator(args.ckpt, args.step, warn=cli.warn)
-    source = f"{args.ckpt} (step {step}, arch {config.arch})"
+    config, variables, step = load_generator(args.ckpt, args.step, warn=cli.warn, raw=args.raw)
+    source = (f"{args.ckpt} (step {step}, arch {config.arch}"
+              f"{', conditional' if config.conditional else ''}{', raw weights' if args.raw else ''})")
     if args.export or args.export_savedmodel:
         if args.export:
             export.save_msgpack(args.export, config, variables, step)
@@ -93,7 +100,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     key = jax.random.key(args.seed)
     if args.interpolate:
         walks, frames = args.grid or INTERPOLATION_GRID
-        strip = render_walks(config, variables, key, walks, frames)
+        labels = class_labels(config, walks * frames, args.digit, rows_of=frames)
+        strip = render_walks(config, variables, key, walks, frames, labels)
         images = strip.reshape(walks * frames, 28, 28)
         save_grid(args.out, images, walks, frames)
         gif = save_gif(args.out.with_suffix(".gif"),
@@ -101,12 +109,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"{walks} latent walks of {frames} frames from {source} -> {args.out}, {gif}")
     else:
         n = args.n or (args.grid[0] * args.grid[1] if args.grid else 100)
-        images = generate(config, variables, key, n)
-        save_grid(args.out, images, *(args.grid or grid_shape(n)))
+        rows, cols = args.grid or grid_shape(n)
+        labels = class_labels(config, n, args.digit, rows_of=cols)
+        images = generate(config, variables, key, n, labels=labels)
+        save_grid(args.out, images, rows, cols)
         print(f"{n} digits from {source} -> {args.out}")
     if args.npz:
         args.npz.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(args.npz, images=images)
+        np.savez_compressed(args.npz, images=images,
+                            **({} if labels is None else {"labels": labels}))
         print(f"raw digits -> {args.npz}")
     if args.save_individual:
         args.save_individual.mkdir(parents=True, exist_ok=True)

@@ -22,12 +22,18 @@ def parse_args(argv: Sequence[str] | None = None):
     p.add_argument("--arch", choices=sorted(ARCHS), default=DEFAULT_ARCH,
                    help="'seed': the original Keras model (widths 8/8/16, D 16/32, U[0,1) noise); "
                         "'dcgan': the TensorFlow tutorial widths (256/128/64, D 64/128, N(0,1) noise)")
+    p.add_argument("--conditional", action="store_true",
+                   help="train on the labels too, so that `sample.py --digit 7` draws 7s: G embeds "
+                        "the label beside the noise, D projects it onto its features")
     p.add_argument("--batch-size", type=cli.positive_int, default=None,
                    help="images per update; default: the arch's (seed 64, dcgan 256)")
     p.add_argument("--lr", type=cli.positive_float, default=defaults.learning_rate,
                    help="Adam learning rate of both G and D")
     p.add_argument("--beta1", type=cli.unit_interval, default=defaults.beta1, help="Adam beta1")
     p.add_argument("--beta2", type=cli.unit_interval, default=defaults.beta2, help="Adam beta2")
+    p.add_argument("--ema-decay", type=cli.unit_interval, default=defaults.ema_decay,
+                   help="decay of the moving average of G's weights that sampling uses "
+                        "(0: no averaging)")
     p.add_argument("--latent-dim", type=cli.positive_int, default=defaults.latent_dim,
                    help="size of the generator's noise input")
     p.add_argument("--seed", type=cli.seed, default=defaults.seed,
@@ -83,12 +89,14 @@ def config_from_args(args, default_dtype: str = "float32") -> Config:
     return Config(
         arch=args.arch,
         latent_dim=args.latent_dim,
+        conditional=args.conditional,
         batch_size=args.batch_size or ARCHS[args.arch].batch_size,
         learning_rate=args.lr,
         beta1=args.beta1,
         beta2=args.beta2,
         seed=args.seed,
         dtype=args.dtype or default_dtype,
+        ema_decay=args.ema_decay,
         steps=args.steps,
         log_every=args.log_every,
         sample_every=args.sample_every,

@@ -48,7 +48,7 @@ MAX_SEED = 2**63  # Seeds are int64 in JAX and TensorFlow.
 
 # Fields that define the networks' shapes: a checkpoint can only be resumed or
 # sampled with the values it was written with.
-MODEL_FIELDS = ("arch", "latent_dim")
+MODEL_FIELDS = ("arch", "latent_dim", "conditional")
 # Fields that only say how long to train and how often to report: free to change on resume.
 RUN_LENGTH_FIELDS = ("steps", "log_every", "sample_every", "ckpt_every")
 
@@ -59,12 +59,14 @@ class Config:
 
     arch: str = DEFAULT_ARCH
     latent_dim: int = 100
+    conditional: bool = False
     batch_size: int = ARCHS[DEFAULT_ARCH].batch_size
     learning_rate: float = 1e-4
     beta1: float = 0.9
     beta2: float = 0.999
     seed: int = 0
     dtype: str = "float32"
+    ema_decay: float = 0.999
     steps: int = 20_000
     log_every: int = 100
     sample_every: int = 1_000
@@ -82,7 +84,7 @@ class Config:
             raise UserError(f"unknown dtype {self.dtype!r}; choose one of {list(COMPUTE_DTYPES)}")
         if not 0 <= self.seed < MAX_SEED:
             raise UserError(f"seed must be in [0, 2**63), got {self.seed}")
-        for name in ("beta1", "beta2"):
+        for name in ("beta1", "beta2", "ema_decay"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise UserError(f"{name} must be in [0, 1), got {getattr(self, name)}")
 

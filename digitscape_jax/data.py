@@ -140,10 +140,11 @@ def to_unit_range(images: tf.Tensor) -> tf.Tensor:
 
 
 def train_batches(
-    images: np.ndarray, batch_size: int, seed: int, start_step: int = 0,
+    images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int, start_step: int = 0,
     rows: slice = slice(None),
 ) -> tf.data.Dataset:
-    """Endless shuffled batches in [-1, 1]; batch `s` depends only on (seed, s).
+    """Endless shuffled (images in [-1, 1], int32 labels) batches; batch `s` depends only on
+    (seed, s).
 
     Each epoch is a fresh stateless permutation of the whole split, keyed by
     (seed, epoch); the epochs are concatenated and cut into full batches, so
@@ -155,7 +156,7 @@ def train_batches(
     if batch_size > n:
         raise UserError(f"--batch-size {batch_size} is larger than the dataset ({n} images)")
     first = start_step * batch_size
-    pixels = tf.constant(images)
+    pixels, classes = tf.constant(images), tf.constant(labels, tf.int32)
 
     def epoch_order(epoch: tf.Tensor) -> tf.data.Dataset:
         order = tf.random.experimental.stateless_shuffle(
@@ -168,7 +169,8 @@ def train_batches(
         .flat_map(epoch_order)
         .skip(first % n)
         .batch(batch_size, drop_remainder=True)
-        .map(lambda index: to_unit_range(tf.gather(pixels, index[rows.start:rows.stop])),
+        .map(lambda index: (to_unit_range(tf.gather(pixels, index[rows.start:rows.stop])),
+                            tf.gather(classes, index[rows.start:rows.stop])),
              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         .prefetch(tf.data.AUTOTUNE)
     )

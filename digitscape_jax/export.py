@@ -18,7 +18,7 @@ from flax import serialization
 
 from digitscape_jax.config import Config
 from digitscape_jax.errors import UserError
-from digitscape_jax.models import Generator
+from digitscape_jax.models import networks
 from digitscape_jax.steps import abstract_states
 
 FORMAT = "digitscape-generator"
@@ -75,19 +75,24 @@ def load_msgpack(path: str | Path) -> tuple[Config, dict[str, Any], int]:
 
 def save_savedmodel(directory: str | Path, config: Config, variables: Any) -> Path:
     """Writes G as a SavedModel whose `generate(noise)` maps (N, latent_dim) noise to
-    (N, 28, 28, 1) images in [-1, 1], for any N."""
+    (N, 28, 28, 1) images in [-1, 1], for any N; a conditional G's is
+    `generate(noise, labels)`, with (N,) int32 labels."""
     import tensorflow as tf
     from jax.experimental import jax2tf
 
-    generator = Generator(config.spec)
+    generator, _ = networks(config)
     variables = jax.device_get(variables)
-    generate = jax2tf.convert(lambda noise: generator.apply(variables, noise, train=False),
-                              polymorphic_shapes=[f"(batch, {config.latent_dim})"],
-                              with_gradient=False)
+    signature = [tf.TensorSpec([None, config.latent_dim], tf.float32, name="noise")]
+    shapes = [f"(batch, {config.latent_dim})"]
+    if config.conditional:
+        signature.append(tf.TensorSpec([None], tf.int32, name="labels"))
+        shapes.append("(batch,)")
+    generate = jax2tf.convert(
+        lambda noise, *labels: generator.apply(variables, noise, train=False,
+                                               labels=labels[0] if labels else None),
+        polymorphic_shapes=shapes, with_gradient=False)
     module = tf.Module()
-    module.generate = tf.function(
-        generate, autograph=False,
-        input_signature=[tf.TensorSpec([None, config.latent_dim], tf.float32, name="noise")])
+    module.generate = tf.function(generate, autograph=False, input_signature=signature)
     tf.saved_model.save(module, str(directory),
                         signatures={"serving_default": module.generate})
     return Path(directory)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from digitscape_jax.config import ArchSpec, NoiseKind
+from digitscape_jax.config import ArchSpec, Config, NoiseKind
 
 # Keras defaults that the original model relies on.
 LEAKY_SLOPE = 0.3
@@ -21,6 +21,8 @@ glorot_uniform = nn.initializers.glorot_uniform()
 
 IMAGE_SHAPE = (28, 28, 1)
 SEED_SIZE = 7  # The generator's first feature map is SEED_SIZE x SEED_SIZE.
+NUM_CLASSES = 10
+LABEL_EMBEDDING = 16  # Size of the label embedding a conditional generator appends to its noise.
 
 
 def sample_noise(key: jax.Array, kind: NoiseKind, shape: tuple[int, ...]) -> jax.Array:
@@ -110,17 +112,21 @@ class Generator(nn.Module):
     """Noise (N, latent_dim) -> images (N, 28, 28, 1) in [-1, 1].
 
     `dtype` is the compute dtype (bfloat16 for mixed precision); params and
-    BatchNorm statistics are float32 either way.
+    BatchNorm statistics are float32 either way. With `num_classes`, it draws
+    the digit `labels` asks for: a learned label embedding joins the noise.
     """
 
     spec: ArchSpec
     dtype: Any = jnp.float32
+    num_classes: int = 0
 
     @nn.compact
-    def __call__(self, z: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, z: jax.Array, train: bool, labels: jax.Array | None = None) -> jax.Array:
         c0 = self.spec.g_dense_channels
         c1, c2 = self.spec.g_conv_channels
         dtype = self.dtype
+        if self.num_classes:
+            z = jnp.concatenate([z, nn.Embed(self.num_classes, LABEL_EMBEDDING)(labels)], axis=-1)
         x = nn.Dense(SEED_SIZE * SEED_SIZE * c0, use_bias=False, kernel_init=glorot_uniform,
                      dtype=dtype)(z)
         x = leaky_relu(batch_norm(train, dtype)(x))
@@ -131,16 +137,31 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """Images (N, 28, 28, 1) -> real/fake logits (N, 1), float32 whatever the compute dtype."""
+    """Images (N, 28, 28, 1) -> real/fake logits (N, 1), float32 whatever the compute dtype.
+
+    With `num_classes`, a projection discriminator (Miyato & Koyama, 2018): the
+    logit adds the inner product of the features with an embedding of `labels`.
+    """
 
     spec: ArchSpec
     dtype: Any = jnp.float32
+    num_classes: int = 0
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool, labels: jax.Array | None = None) -> jax.Array:
         for channels in self.spec.d_channels:
             x = nn.Conv(channels, (5, 5), strides=2, padding="SAME", kernel_init=glorot_uniform,
                         dtype=self.dtype)(x)
             x = nn.Dropout(DROPOUT_RATE, deterministic=not train)(leaky_relu(x))
         x = x.reshape(x.shape[0], -1)
-        return nn.Dense(1, kernel_init=glorot_uniform, dtype=self.dtype)(x).astype(jnp.float32)
+        logits = nn.Dense(1, kernel_init=glorot_uniform, dtype=self.dtype)(x).astype(jnp.float32)
+        if self.num_classes:
+            embedding = nn.Embed(self.num_classes, x.shape[-1])(labels)
+            logits += jnp.sum(embedding * x.astype(jnp.float32), axis=-1, keepdims=True)
+        return logits
+
+
+def networks(config: Config, dtype: Any = jnp.float32) -> tuple[Generator, Discriminator]:
+    """G and D of `config`'s arch, label-conditional when it says so, computing in `dtype`."""
+    classes = NUM_CLASSES if config.conditional else 0
+    return (Generator(config.spec, dtype, classes), Discriminator(config.spec, dtype, classes))

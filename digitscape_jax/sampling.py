@@ -14,7 +14,7 @@ import numpy as np
 from digitscape_jax.config import Config
 from digitscape_jax.errors import UserError
 from digitscape_jax.export import load_msgpack
-from digitscape_jax.models import Generator, sample_noise
+from digitscape_jax.models import NUM_CLASSES, Generator, networks, sample_noise
 from digitscape_jax.steps import abstract_states
 
 SAMPLE_BATCH = 1000
@@ -27,34 +27,54 @@ def to_uint8(images: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def render(generator: Generator, variables: Mapping[str, Any], noise: jax.Array) -> jax.Array:
-    """uint8 digits (N, 28, 28) from noise, with BatchNorm in inference mode."""
-    return to_uint8(generator.apply(variables, noise, train=False))
+def render(generator: Generator, variables: Mapping[str, Any], noise: jax.Array,
+           labels: jax.Array | None = None) -> jax.Array:
+    """uint8 digits (N, 28, 28) from noise (and, if conditional, labels), BatchNorm in
+    inference mode."""
+    return to_uint8(generator.apply(variables, noise, train=False, labels=labels))
+
+
+def class_labels(config: Config, n: int, digit: int | None = None,
+                 rows_of: int | None = None) -> np.ndarray | None:
+    """What a conditional generator is asked to draw: `digit` n times, else 0..9 in turn
+    (each of `rows_of` consecutive digits the same class: a grid row per class). None for an
+    unconditional generator, which refuses `digit`."""
+    if not config.conditional:
+        if digit is not None:
+            raise UserError("this generator was trained without labels (train.py --conditional "
+                            "trains one that takes --digit)")
+        return None
+    if digit is not None:
+        return np.full(n, digit, np.int32)
+    return (np.arange(n, dtype=np.int32) // (rows_of or 1)) % NUM_CLASSES
 
 
 def render_batches(config: Config, variables: Mapping[str, Any],
-                   noise_batches: Iterable[jax.Array]) -> np.ndarray:
-    """uint8 digits (N, 28, 28) from noise given a batch at a time, to bound memory."""
-    generator = Generator(config.spec)
-    chunks = [np.asarray(render(generator, variables, noise)) for noise in noise_batches]
+                   batches: Iterable[tuple[jax.Array, jax.Array | None]]) -> np.ndarray:
+    """uint8 digits (N, 28, 28) from (noise, labels) given a batch at a time, to bound memory."""
+    generator, _ = networks(config)
+    chunks = [np.asarray(render(generator, variables, noise, labels)) for noise, labels in batches]
     return np.concatenate(chunks) if chunks else np.zeros((0, 28, 28), np.uint8)
 
 
-def generate(config: Config, variables: Mapping[str, Any], key: jax.Array, n: int,
-             batch_size: int = SAMPLE_BATCH) -> np.ndarray:
-    """`n` digits as uint8 (n, 28, 28), drawn `batch_size` at a time.
+def generate(config: Config, variables: Mapping[str, Any], key: jax.Array, n: int, *,
+             labels: np.ndarray | None = None, batch_size: int = SAMPLE_BATCH) -> np.ndarray:
+    """`n` digits as uint8 (n, 28, 28), drawn `batch_size` at a time; a conditional
+    generator draws `labels` (see `class_labels`).
 
     Batch i's noise comes from `fold_in(key, i)`, so the result depends only on
-    (key, n, batch_size), and memory stays bounded however large `n` is.
+    (key, n, labels, batch_size), and memory stays bounded however large `n` is.
     """
     return render_batches(config, variables, (
-        sample_noise(jax.random.fold_in(key, i), config.spec.noise,
-                     (min(batch_size, n - start), config.latent_dim))
+        (sample_noise(jax.random.fold_in(key, i), config.spec.noise,
+                      (min(batch_size, n - start), config.latent_dim)),
+         None if labels is None else labels[start:start + batch_size])
         for i, start in enumerate(range(0, n, batch_size))))
 
 
 def load_generator(source: str | Path, step: int | None = None,
-                   warn: Callable[[str], None] = print) -> tuple[Config, dict[str, Any], int]:
+                   warn: Callable[[str], None] = print,
+                   raw: bool = False) -> tuple[Config, dict[str, Any], int]:
     """The config, G variables and step of a checkpoint directory or a `--export` file.
 
     From a directory without `step`, the newest readable checkpoint: a corrupt
@@ -62,8 +82,10 @@ def load_generator(source: str | Path, step: int | None = None,
     """
     source = Path(source)
     if source.is_file():
-        if step is not None:
-            raise UserError(f"--step picks a checkpoint, but {source} is an exported generator")
+        for flag, given in (("--step picks a checkpoint", step is not None),
+                            ("--raw picks the trained weights of a checkpoint", raw)):
+            if given:
+                raise UserError(f"{flag}, but {source} is an exported generator")
         return load_msgpack(source)
     from digitscape_jax.checkpointing import Checkpointer  # needs Orbax
 
@@ -71,7 +93,8 @@ def load_generator(source: str | Path, step: int | None = None,
 
     def read(step: int) -> tuple[Config, dict[str, Any]]:
         config = ckpt.load_config(step)
-        return config, ckpt.restore_generator(step, abstract_states(config)).variables
+        g_state = ckpt.restore_generator(step, abstract_states(config))
+        return config, g_state.variables if raw else g_state.ema_variables
 
     step, (config, variables) = ckpt.load(step, read, warn)
     return config, variables, step
@@ -107,9 +130,11 @@ def latent_walks(key: jax.Array, config: Config, walks: int, frames: int) -> jax
 
 
 def render_walks(config: Config, variables: Mapping[str, Any], key: jax.Array, walks: int,
-                 frames: int) -> np.ndarray:
-    """uint8 digits (walks, frames, 28, 28) along `latent_walks`."""
+                 frames: int, labels: np.ndarray | None = None) -> np.ndarray:
+    """uint8 digits (walks, frames, 28, 28) along `latent_walks`; a conditional generator
+    draws `labels` (walks * frames of them, one class per walk: see `class_labels`)."""
     noise = latent_walks(key, config, walks, frames).reshape(walks * frames, config.latent_dim)
     images = render_batches(config, variables, (
-        noise[i:i + SAMPLE_BATCH] for i in range(0, len(noise), SAMPLE_BATCH)))
+        (noise[i:i + SAMPLE_BATCH], None if labels is None else labels[i:i + SAMPLE_BATCH])
+        for i in range(0, len(noise), SAMPLE_BATCH)))
     return images.reshape(walks, frames, 28, 28)

@@ -12,7 +12,7 @@ import optax
 from flax.training import train_state
 
 from digitscape_jax.config import Config
-from digitscape_jax.models import IMAGE_SHAPE, Discriminator, Generator, sample_noise
+from digitscape_jax.models import IMAGE_SHAPE, networks, sample_noise
 
 # Keras's Adam epsilon; optax's default is 1e-8.
 ADAM_EPSILON = 1e-7
@@ -21,23 +21,30 @@ Metrics = dict[str, jax.Array]
 
 
 class GeneratorState(train_state.TrainState):
-    """G's params and optimizer state, plus its BatchNorm running statistics."""
+    """G's params and optimizer state, its BatchNorm running statistics, and the
+    exponential moving average of its params, which draws smoother digits."""
 
     batch_stats: Any
+    ema_params: Any
 
     @property
     def variables(self) -> dict[str, Any]:
-        """What `Generator.apply` takes: the params and the BatchNorm statistics."""
+        """What `Generator.apply` takes: the trained params and the BatchNorm statistics."""
         return {"params": self.params, "batch_stats": self.batch_stats}
+
+    @property
+    def ema_variables(self) -> dict[str, Any]:
+        """The averaged params with the same BatchNorm statistics: what sampling uses."""
+        return {"params": self.ema_params, "batch_stats": self.batch_stats}
 
 
 def create_states(config: Config, key: jax.Array) -> tuple[GeneratorState, train_state.TrainState]:
     """Freshly initialised G and D states, each with its own Adam."""
     g_key, d_key = jax.random.split(key)
-    dtype = jnp.dtype(config.dtype)
-    generator, discriminator = Generator(config.spec, dtype), Discriminator(config.spec, dtype)
-    g_vars = generator.init(g_key, jnp.zeros((1, config.latent_dim)), train=False)
-    d_vars = discriminator.init(d_key, jnp.zeros((1, *IMAGE_SHAPE)), train=False)
+    generator, discriminator = networks(config, jnp.dtype(config.dtype))
+    labels = jnp.zeros((1,), jnp.int32)  # Used by conditional networks only.
+    g_vars = generator.init(g_key, jnp.zeros((1, config.latent_dim)), train=False, labels=labels)
+    d_vars = discriminator.init(d_key, jnp.zeros((1, *IMAGE_SHAPE)), train=False, labels=labels)
 
     def adam() -> optax.GradientTransformation:
         return optax.adam(config.learning_rate, config.beta1, config.beta2, eps=ADAM_EPSILON)
@@ -45,6 +52,7 @@ def create_states(config: Config, key: jax.Array) -> tuple[GeneratorState, train
     g_state = GeneratorState.create(
         apply_fn=generator.apply, params=g_vars["params"], tx=adam(),
         batch_stats=g_vars["batch_stats"],
+        ema_params=jax.tree.map(jnp.copy, g_vars["params"]),  # its own buffers, to donate
     )
     d_state = train_state.TrainState.create(
         apply_fn=discriminator.apply, params=d_vars["params"], tx=adam()
@@ -72,26 +80,32 @@ def train_step(
     d_state: train_state.TrainState,
     images: jax.Array,
     key: jax.Array,
+    labels: jax.Array | None = None,
     *,
     config: Config,
 ) -> tuple[GeneratorState, train_state.TrainState, Metrics]:
     """One GAN update: a single forward pass, both gradients, both applied together.
 
     `key` is the run's key; the step's randomness (noise and dropout) is folded
-    in from `g_state.step`, so it is a pure function of (seed, step).
+    in from `g_state.step`, so it is a pure function of (seed, step). A
+    conditional G draws fakes of the real batch's `labels`, so D sees both
+    halves with the same classes; an unconditional one ignores them.
     """
+    if config.conditional and labels is None:
+        raise ValueError("a conditional model trains on labelled batches")
+    both_labels = None if labels is None else jnp.concatenate([labels, labels])
     noise_key, dropout_key = jax.random.split(jax.random.fold_in(key, g_state.step))
     noise = sample_noise(noise_key, config.spec.noise, (images.shape[0], config.latent_dim))
 
     def losses(g_params, d_params):
         fake, g_updates = g_state.apply_fn(
             {"params": g_params, "batch_stats": g_state.batch_stats},
-            noise, train=True, mutable=["batch_stats"],
+            noise, train=True, labels=labels, mutable=["batch_stats"],
         )
         # Real and fake go through D as one batch: D has no batch statistics.
         logits = d_state.apply_fn(
             {"params": d_params}, jnp.concatenate([images, fake]), train=True,
-            rngs={"dropout": dropout_key},
+            labels=both_labels, rngs={"dropout": dropout_key},
         )[:, 0]
         real_logits, fake_logits = jnp.split(logits, 2)
         d_loss = (bce_with_logits(real_logits, 1.0) + bce_with_logits(fake_logits, 0.0)) / 2
@@ -111,12 +125,21 @@ def train_step(
     _, d_grads = backward((one, zero))
     g_grads, _ = backward((zero, one))
     g_state = g_state.apply_gradients(grads=g_grads, batch_stats=batch_stats)
+    g_state = g_state.replace(ema_params=update_ema(g_state.ema_params, g_state.params,
+                                                    config.ema_decay, g_state.step))
     d_state = d_state.apply_gradients(grads=d_grads)
     return g_state, d_state, metrics
 
 
+def update_ema(average: Any, params: Any, decay: float, step: jax.Array) -> Any:
+    """One step of the moving average, with TF's warm-up: the decay is at most
+    (1 + step) / (10 + step), so early averages are not stuck at the initialisation."""
+    decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+    return optax.incremental_update(params, average, 1.0 - decay)
+
+
 TrainStep = Callable[
-    [GeneratorState, train_state.TrainState, jax.Array, jax.Array],
+    ...,  # (g_state, d_state, images, key, labels=None)
     tuple[GeneratorState, train_state.TrainState, Metrics],
 ]
 

@@ -27,7 +27,7 @@ from digitscape_jax.checkpointing import Checkpointer, RunLock
 from digitscape_jax.config import Config
 from digitscape_jax.errors import TrainingDiverged
 from digitscape_jax.metrics import MetricsLog, TensorBoardLog, format_metrics
-from digitscape_jax.models import Generator, sample_noise
+from digitscape_jax.models import NUM_CLASSES, networks, sample_noise
 from digitscape_jax.plots import image_grid, plot_losses, save_gif, save_grid, save_image
 from digitscape_jax.progress import Progress, format_duration
 from digitscape_jax.sampling import render
@@ -67,9 +67,11 @@ class RunOutputs:
                  sharding: jax.sharding.Sharding):
         self.config, self.paths = config, paths
         self.primary = parallel.is_primary()
-        self.generator = Generator(config.spec)
-        self.fixed_noise = jax.device_put(
-            sample_noise(sample_key, config.spec.noise, (FINAL_ROWS * FINAL_COLS, config.latent_dim)),
+        self.generator, _ = networks(config)
+        n = FINAL_ROWS * FINAL_COLS
+        self.fixed_noise, self.fixed_labels = jax.device_put(
+            (sample_noise(sample_key, config.spec.noise, (n, config.latent_dim)),
+             jnp.arange(n) % NUM_CLASSES),  # A conditional row of 10 counts 0 to 9.
             sharding)
         self.metrics = MetricsLog(paths.ckpt_dir)
         self.tensorboard = (TensorBoardLog(paths.ckpt_dir / TENSORBOARD_DIR)
@@ -83,7 +85,8 @@ class RunOutputs:
             self.tensorboard.scalars(record["step"], {k: v for k, v in record.items() if k != "step"})
 
     def digits(self, g_state: GeneratorState, n: int) -> np.ndarray:
-        return jax.device_get(render(self.generator, g_state.variables, self.fixed_noise[:n]))
+        return jax.device_get(render(self.generator, g_state.ema_variables, self.fixed_noise[:n],
+                                     self.fixed_labels[:n]))
 
     def sample(self, step: int, g_state: GeneratorState) -> None:
         """The fixed-noise row of `step`, and the GIF and loss curves up to it."""
@@ -207,7 +210,7 @@ def _train(config: Config, paths: RunPaths, stream: TextIO, warn: Callable[[str]
         if parallel.is_primary() == (turn == "primary"):
             data.prepare_mnist(paths.data_dir, paths.mnist_idx)
         parallel.sync(f"mnist prepared by the {turn}")
-    images, _ = data.load_split("train", paths.data_dir)
+    images, labels = data.load_split("train", paths.data_dir)
     init_key, step_key, sample_key = jax.random.split(jax.random.key(config.seed), 3)
     outputs = RunOutputs(config, paths, sample_key, replicated)
     progress = Progress(start, config.steps, stream)
@@ -239,8 +242,10 @@ def _train(config: Config, paths: RunPaths, stream: TextIO, warn: Callable[[str]
     step_fn = jit_train_step(config)
     rows = parallel.process_rows(mesh, config.batch_size)
     batches = data.prefetch_to_device(
-        data.train_batches(images, config.batch_size, config.seed, start, rows).as_numpy_iterator(),
-        lambda local_rows: parallel.global_batch(local_rows, mesh, config.batch_size),
+        data.train_batches(images, labels, config.batch_size, config.seed, start,
+                           rows).as_numpy_iterator(),
+        lambda local_rows: jax.tree.map(
+            lambda rows: parallel.global_batch(rows, mesh, config.batch_size), local_rows),
     )
     compile_start = time.perf_counter()
     first_step_s = interval_start = 0.0
@@ -248,7 +253,8 @@ def _train(config: Config, paths: RunPaths, stream: TextIO, warn: Callable[[str]
     logged: dict[str, float] = {}
     try:
         for step in range(start + 1, config.steps + 1):
-            g_state, d_state, metrics = step_fn(g_state, d_state, next(batches), step_key)
+            image_batch, label_batch = next(batches)
+            g_state, d_state, metrics = step_fn(g_state, d_state, image_batch, step_key, label_batch)
             progress.advance()
             if step == start + 1:  # Time steps from here on: the first one includes compiling.
                 jax.block_until_ready(metrics)

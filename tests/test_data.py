@@ -90,16 +90,26 @@ def mock_mnist():
     return images, labels
 
 
-def batches(images, batch_size, seed, start_step, count):
-    it = data.train_batches(images, batch_size, seed, start_step).as_numpy_iterator()
-    return np.stack([next(it) for _ in range(count)])
+def batches(images, batch_size, seed, start_step, count, labels=None):
+    """The first `count` image batches; checks that each label travels with its image."""
+    labels = np.arange(len(images)) if labels is None else labels
+    lookup = {image.tobytes(): label for image, label in zip(images, labels)}
+    it = data.train_batches(images, labels, batch_size, seed, start_step).as_numpy_iterator()
+    stream = []
+    for _ in range(count):
+        image_batch, label_batch = next(it)
+        assert label_batch.dtype == np.int32
+        pixels = np.round((image_batch + 1.0) * 127.5).astype(np.uint8)
+        assert [lookup[p.tobytes()] for p in pixels] == list(label_batch)
+        stream.append(image_batch)
+    return np.stack(stream)
 
 
 def test_stream_under_tfds_mock_data(mock_mnist):
     images, labels = mock_mnist
     assert images.shape == (100, 28, 28, 1) and images.dtype == np.uint8
     assert labels.shape == (100,)
-    stream = batches(images, 20, seed=0, start_step=0, count=10)  # two epochs
+    stream = batches(images, 20, seed=0, start_step=0, count=10, labels=labels)  # two epochs
     assert stream.shape == (10, 20, 28, 28, 1) and stream.dtype == np.float32
     scaled = (images.astype(np.float32) / 127.5 - 1.0).reshape(100, -1)  # as tf.data computes it
     assert stream.min() >= -1.0 and stream.max() <= 1.0
@@ -120,4 +130,4 @@ def test_stream_is_a_pure_function_of_seed_and_step(mock_mnist):
 
 def test_batch_larger_than_the_dataset_is_refused(mock_mnist):
     with pytest.raises(UserError, match="larger than the dataset"):
-        data.train_batches(mock_mnist[0], 101, 0)
+        data.train_batches(*mock_mnist, 101, 0)

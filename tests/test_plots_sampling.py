@@ -42,7 +42,7 @@ def test_generate_in_batches_is_reproducible_and_batch_sized():
     variables = {"params": g_state.params, "batch_stats": g_state.batch_stats}
     images = generate(config, variables, jax.random.key(1), 25, batch_size=10)
     assert images.shape == (25, 28, 28) and images.dtype == np.uint8
-    np.testing.assert_array_equal(images, generate(config, variables, jax.random.key(1), 25, 10))
+    np.testing.assert_array_equal(images, generate(config, variables, jax.random.key(1), 25, batch_size=10))
     # Each batch has its own noise, and the first batches do not depend on the total.
-    np.testing.assert_array_equal(images[:20], generate(config, variables, jax.random.key(1), 20, 10))
+    np.testing.assert_array_equal(images[:20], generate(config, variables, jax.random.key(1), 20, batch_size=10))
     assert not np.array_equal(images[:10], images[10:20])

@@ -136,7 +136,7 @@ def test_a_few_dozen_steps_teach_d_to_tell_real_from_fake(real_batch, dtype):
 
 def test_bfloat16_computes_in_bfloat16(real_batch):
     """The bf16 forward pass really runs in bf16: it differs from float32 by bf16 rounding."""
-    g32, d32 = create_states(Config(arch="seed"), jax.random.key(0))
+    g32, _ = create_states(Config(arch="seed"), jax.random.key(0))
     g16, _ = create_states(Config(arch="seed", dtype="bfloat16"), jax.random.key(0))
     noise = sample_noise(jax.random.key(1), "uniform", (8, 100))
     out32 = g32.apply_fn(g32.variables, noise, train=False)
@@ -144,3 +144,22 @@ def test_bfloat16_computes_in_bfloat16(real_batch):
     assert out16.dtype == jnp.bfloat16 and out32.dtype == jnp.float32
     difference = float(jnp.abs(out16.astype(jnp.float32) - out32).max())
     assert 1e-4 < difference < 0.1
+
+
+def test_the_generator_average_follows_the_params(real_batch):
+    """EMA: a weighted average of the params after each update, warmed up; 0 turns it off."""
+    for decay in (0.0, 0.9):
+        config = Config(arch="seed", ema_decay=decay)
+        g_state, d_state = create_states(config, jax.random.key(0))
+        step = jit_train_step(config, donate=False)
+        expected = g_state.params
+        for i in range(3):
+            g_state, d_state, _ = step(g_state, d_state, real_batch, jax.random.key(1))
+            weight = min(decay, (1 + i + 1) / (10 + i + 1))
+            expected = jax.tree.map(lambda e, p, w=weight: w * e + (1 - w) * p,
+                                    expected, g_state.params)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+                     g_state.ema_params, expected)
+        differs = any(bool(jnp.any(a != b)) for a, b in zip(
+            jax.tree.leaves(g_state.ema_params), jax.tree.leaves(g_state.params)))
+        assert differs == (decay > 0)
