@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from digitscape_jax import cli
+from digitscape_jax import cli, xla_flags
 from digitscape_jax.config import ARCHS, COMPUTE_DTYPES, DEFAULT_ARCH, Config
 
 
@@ -71,6 +72,14 @@ def parse_args(argv: Sequence[str] | None = None):
                        help="processes in the run")
     multi.add_argument("--process-id", type=cli.non_negative_int, default=None,
                        help="this process's index, 0..num-processes-1")
+    p.add_argument("--steps-per-call", type=cli.positive_int, default=defaults.steps_per_call,
+                   help="updates per device call, unrolled in one compiled function: less "
+                        "per-call overhead for small models, longer compilation")
+    p.add_argument("--compile-cache", metavar="DIR",
+                   default=os.environ.get("JAX_COMPILATION_CACHE_DIR", xla_flags.DEFAULT_CACHE_DIR),
+                   help="where compiled steps are kept, so that a rerun does not compile again; "
+                        "'' turns the cache off (default: $JAX_COMPILATION_CACHE_DIR, else "
+                        "~/.cache/digitscape_jax/xla)")
     p.add_argument("--tensorboard", action="store_true",
                    help="also write TensorBoard events (scalars and sample rows) to "
                         "<ckpt-dir>/tensorboard")
@@ -97,6 +106,7 @@ def config_from_args(args, default_dtype: str = "float32") -> Config:
         seed=args.seed,
         dtype=args.dtype or default_dtype,
         ema_decay=args.ema_decay,
+        steps_per_call=args.steps_per_call,
         steps=args.steps,
         log_every=args.log_every,
         sample_every=args.sample_every,
@@ -112,6 +122,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     if args.distributed:
         parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    if args.compile_cache:
+        xla_flags.use_compilation_cache(args.compile_cache)
     config = config_from_args(args, parallel.default_dtype())
     train(config, RunPaths(args.ckpt_dir, args.samples_dir, args.data_dir, args.mnist_idx,
                            args.tensorboard))

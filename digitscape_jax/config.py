@@ -67,6 +67,7 @@ class Config:
     seed: int = 0
     dtype: str = "float32"
     ema_decay: float = 0.999
+    steps_per_call: int = 1
     steps: int = 20_000
     log_every: int = 100
     sample_every: int = 1_000
@@ -75,7 +76,8 @@ class Config:
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise UserError(f"unknown arch {self.arch!r}; choose one of {sorted(ARCHS)}")
-        for name in ("latent_dim", "batch_size", "steps", "log_every", "sample_every", "ckpt_every"):
+        for name in ("latent_dim", "batch_size", "steps", "log_every", "sample_every", "ckpt_every",
+                     "steps_per_call"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0.0 < self.learning_rate < float("inf"):

@@ -176,6 +176,15 @@ def train_batches(
     )
 
 
+def stack_batches(batches: Iterator[tuple[np.ndarray, ...]],
+                  sizes: Iterator[int]) -> Iterator[tuple[np.ndarray, ...]]:
+    """Groups consecutive batches for calls of several steps: a size of k > 1 stacks the next
+    k batches along a new leading axis; a size of 1 passes one batch through as it is."""
+    for k in sizes:
+        group = [next(batches) for _ in range(k)]
+        yield group[0] if k == 1 else tuple(np.stack(parts) for parts in zip(*group))
+
+
 def prefetch_to_device(
     batches: Iterator[np.ndarray], to_device: Callable[[np.ndarray], jax.Array], size: int = 2
 ) -> Iterator[jax.Array]:

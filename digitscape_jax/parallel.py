@@ -71,10 +71,12 @@ def process_rows(mesh: Mesh, batch_size: int) -> slice:
     return slice(starts[0][0], starts[-1][1])
 
 
-def global_batch(local_rows: np.ndarray, mesh: Mesh, batch_size: int) -> jax.Array:
-    """The global batch array, from this process's rows of it."""
-    return jax.make_array_from_process_local_data(
-        batch_sharding(mesh), local_rows, (batch_size, *local_rows.shape[1:]))
+def global_batch(local_rows: np.ndarray, mesh: Mesh, batch_size: int, axis: int = 0) -> jax.Array:
+    """The global batch array, from this process's rows of it; the batch runs along `axis`
+    (1 for batches stacked for several steps per call)."""
+    sharding = NamedSharding(mesh, PartitionSpec(*[None] * axis, DATA_AXIS))
+    shape = (*local_rows.shape[:axis], batch_size, *local_rows.shape[axis + 1:])
+    return jax.make_array_from_process_local_data(sharding, local_rows, shape)
 
 
 def any_process(flag: bool) -> bool:

@@ -29,9 +29,9 @@ class Progress:
                          dynamic_ncols=terminal)
                     if terminal or in_notebook(stream) else None)
 
-    def advance(self) -> None:
+    def advance(self, steps: int = 1) -> None:
         if self.bar is not None:
-            self.bar.update(1)
+            self.bar.update(steps)
 
     def report(self, step: int, steps_per_s: float, metrics: dict[str, float]) -> None:
         if self.bar is not None:

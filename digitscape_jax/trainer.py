@@ -13,7 +13,7 @@ import io
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -123,6 +123,20 @@ class RunOutputs:
         if self.tensorboard:
             places.append(("TensorBoard", ckpt / TENSORBOARD_DIR))
         return places
+
+
+def call_plan(start: int, end: int, steps_per_call: int,
+              every: tuple[int, ...]) -> Iterator[int]:
+    """How many updates each device call runs, from step `start` to `end`: `steps_per_call`,
+    or single steps where a call would pass over a step that logs, samples or saves (a
+    multiple of one of `every`), since those happen between calls."""
+    step = start
+    while step < end:
+        k = steps_per_call
+        if step + k > end or any((step + i) % e == 0 for i in range(1, k) for e in every):
+            k = 1
+        step += k
+        yield k
 
 
 @jax.jit
@@ -239,30 +253,39 @@ def _train(config: Config, paths: RunPaths, stream: TextIO, warn: Callable[[str]
             )
         last_finite = step
 
-    step_fn = jit_train_step(config)
+    step_fns = {1: jit_train_step(config),
+                config.steps_per_call: jit_train_step(config, steps_per_call=config.steps_per_call)}
+    plan = list(call_plan(start, config.steps, config.steps_per_call,
+                          (config.log_every, config.sample_every, config.ckpt_every)))
     rows = parallel.process_rows(mesh, config.batch_size)
-    batches = data.prefetch_to_device(
+
+    def to_device(batch: tuple[np.ndarray, np.ndarray]) -> tuple[jax.Array, jax.Array]:
+        axis = batch[0].ndim - 4  # 1 for batches stacked for a call of several steps
+        return tuple(parallel.global_batch(x, mesh, config.batch_size, axis) for x in batch)
+
+    batches = data.prefetch_to_device(data.stack_batches(
         data.train_batches(images, labels, config.batch_size, config.seed, start,
-                           rows).as_numpy_iterator(),
-        lambda local_rows: jax.tree.map(
-            lambda rows: parallel.global_batch(rows, mesh, config.batch_size), local_rows),
-    )
+                           rows).as_numpy_iterator(), iter(plan)), to_device)
     compile_start = time.perf_counter()
     first_step_s = interval_start = 0.0
     interval_steps = 0
     logged: dict[str, float] = {}
+    step = start
     try:
-        for step in range(start + 1, config.steps + 1):
+        for call_steps in plan:
             image_batch, label_batch = next(batches)
-            g_state, d_state, metrics = step_fn(g_state, d_state, image_batch, step_key, label_batch)
-            progress.advance()
-            if step == start + 1:  # Time steps from here on: the first one includes compiling.
+            g_state, d_state, metrics = step_fns[call_steps](g_state, d_state, image_batch,
+                                                             step_key, label_batch)
+            step += call_steps
+            progress.advance(call_steps)
+            if step == start + call_steps:  # Time from here on: the first call includes compiling.
                 jax.block_until_ready(metrics)
                 first_step_s = time.perf_counter() - compile_start
-                progress.write(f"first step (with compilation) took {first_step_s:.1f} s")
+                progress.write(f"first call ({call_steps} step{'s' * (call_steps > 1)}, with "
+                               f"compilation) took {first_step_s:.1f} s")
                 interval_start, interval_steps = time.perf_counter(), 0
             else:
-                interval_steps += 1
+                interval_steps += call_steps
             logging = step % config.log_every == 0 or step == config.steps
             sampling = step % config.sample_every == 0
             requested = stop.signal_name is not None
@@ -278,7 +301,8 @@ def _train(config: Config, paths: RunPaths, stream: TextIO, warn: Callable[[str]
             if logging:
                 logged = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 elapsed = time.perf_counter() - interval_start
-                steps_per_s = interval_steps / elapsed if interval_steps else 1 / first_step_s
+                steps_per_s = (interval_steps / elapsed if interval_steps
+                               else (step - start) / first_step_s)
                 outputs.log({"step": step, "steps_per_s": steps_per_s, **logged})
                 progress.report(step, steps_per_s, logged)
                 interval_start, interval_steps = time.perf_counter(), 0

@@ -27,6 +27,15 @@ def mnist_idx() -> Path:
     return SHARED_MNIST
 
 
+@pytest.fixture(scope="session")
+def real_batch(mnist_idx):
+    """The first 64 MNIST training digits, as the step takes them: float32 in [-1, 1]."""
+    from digitscape_jax.data import read_idx_split
+
+    images, _ = read_idx_split(mnist_idx, "train")
+    return (images[:64, ..., None].astype(np.float32) / 127.5 - 1.0)
+
+
 def write_idx(path: Path, magic: int, array: np.ndarray) -> None:
     """Writes `array` (uint8) as a gzipped IDX file."""
     header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)

@@ -9,7 +9,6 @@ import optax
 import pytest
 
 from digitscape_jax.config import Config
-from digitscape_jax.data import read_idx_split
 from digitscape_jax.models import sample_noise
 from digitscape_jax.steps import create_states, jit_train_step
 
@@ -27,12 +26,6 @@ def assert_trees_equal(a, b):
 def state_trees(g_state, d_state):
     return (g_state.step, g_state.params, g_state.opt_state, g_state.batch_stats,
             d_state.step, d_state.params, d_state.opt_state)
-
-
-@pytest.fixture(scope="module")
-def real_batch(mnist_idx):
-    images, _ = read_idx_split(mnist_idx, "train")
-    return jnp.asarray(images[:64, ..., None], jnp.float32) / 127.5 - 1.0
 
 
 def test_train_step_is_pure_and_deterministic(real_batch):

@@ -1,0 +1,269 @@
+"""The sample-quality evaluator: its classifier, its metrics on digits of known quality, its CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import REPO, write_idx
+from digitscape_jax import classifier, cli, data
+from digitscape_jax import evaluate as ev
+
+REFERENCE_N = 2000  # test digits the evaluator compares with
+TRAIN_N = 10_000  # training digits it checks for memorization
+
+
+@pytest.fixture(scope="session")
+def mnist(mnist_idx):
+    """The real MNIST: ((train images, labels), (test images, labels)), uint8 (N, 28, 28)."""
+    return data.read_idx_split(mnist_idx, "train"), data.read_idx_split(mnist_idx, "test")
+
+
+@pytest.fixture(scope="session")
+def evaluator(mnist):
+    (train, _), (test, _) = mnist
+    return ev.Evaluator(test[:REFERENCE_N], train[:TRAIN_N])
+
+
+@pytest.fixture(scope="session")
+def held_out(mnist):
+    """Real test digits that the evaluator's reference does not hold, and their labels."""
+    _, (test, labels) = mnist
+    return test[REFERENCE_N:2 * REFERENCE_N], labels[REFERENCE_N:2 * REFERENCE_N]
+
+
+@pytest.fixture(scope="session")
+def ranked(mnist, evaluator, held_out):
+    """The cheap metrics of real, one-class and noise digits, 2,000 of each."""
+    (train, train_labels), _ = mnist
+    rng = np.random.default_rng(1)
+    sets = {
+        "real": held_out[0],
+        "one class": train[rng.choice(np.flatnonzero(train_labels == 1), REFERENCE_N)],
+        "noise": rng.integers(0, 256, (REFERENCE_N, 28, 28), dtype=np.uint8),
+    }
+    return {name: evaluator.evaluate(images, metrics=ev.CHEAP) for name, images in sets.items()}
+
+
+def test_committed_classifier_is_over_99_percent_accurate(mnist):
+    _, (test, labels) = mnist
+    assert classifier.accuracy(classifier.load(), test, labels) >= 0.99
+    info = classifier.load_info()
+    assert info["test_accuracy"] >= 0.99 and info["test_n"] == 10_000
+    assert info["param_count"] == classifier.param_count(classifier.load())
+    assert classifier.WEIGHTS.stat().st_size < 1_000_000
+
+
+def test_classifier_takes_uint8_digits_only():
+    params = classifier.load()
+    features, logits = classifier.classify(params, np.zeros((3, 28, 28, 1), np.uint8))
+    assert features.shape == (3, classifier.FEATURES) and logits.shape == (3, classifier.CLASSES)
+    for bad, message in ((np.zeros((3, 28, 28), np.float32), "must be uint8"),
+                         (np.zeros((3, 32, 32), np.uint8), "shape (N, 28, 28)")):
+        with pytest.raises(ev.UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            classifier.classify(params, bad)
+
+
+def test_fd_is_zero_for_equal_sets_symmetric_and_exact_for_diagonal_gaussians(evaluator,
+                                                                              held_out):
+    real = ev.feature_stats(evaluator.test_features)
+    assert abs(ev.frechet_distance(*real, *real)) < 1e-6 * np.trace(real[1])
+    other = ev.feature_stats(classifier.classify(evaluator.params, held_out[0])[0])
+    forward, backward = ev.frechet_distance(*real, *other), ev.frechet_distance(*other, *real)
+    assert forward > 0 and forward == pytest.approx(backward, rel=1e-6)
+    # Commuting covariances: FD = |mu1 - mu2|^2 + sum (sqrt(s1) - sqrt(s2))^2.
+    s1, s2 = np.array([1.0, 4.0, 9.0]), np.array([4.0, 4.0, 1.0])
+    mu1, mu2 = np.zeros(3), np.array([1.0, 2.0, 0.0])
+    assert ev.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(5 + 1 + 0 + 4)
+
+
+def test_real_digits_rank_above_noise_and_a_single_class(ranked):
+    real, one, noise = ranked["real"], ranked["one class"], ranked["noise"]
+    for worse in (one, noise):
+        assert real["fd"] < worse["fd"] / 10
+        assert real["inception_score"] > worse["inception_score"] + 5
+        assert real["class_kl"] < worse["class_kl"] - 1
+        assert real["recall"] > worse["recall"] + 0.5
+    assert real["inception_score"] > 9 and real["class_kl"] < 0.02
+    assert real["precision"] > 0.8 and real["recall"] > 0.8  # two real sets of 2,000, k = 3
+    assert noise["precision"] < 0.1 and one["class_fractions"][1] > 0.95
+
+
+def test_precision_and_recall_of_known_feature_sets():
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(1000, 2))
+    assert ev.precision_recall(real, real) == (1.0, 1.0)
+    assert ev.precision_recall(real, real + 100.0) == (0.0, 0.0)
+    half = real[real[:, 0] < 0]  # half of the real manifold, exactly
+    precision, recall = ev.precision_recall(real, half)
+    assert precision == 1.0 and 0.4 < recall < 0.65
+    collapsed = np.repeat(real[:1], 100, 0)  # one point: zero-radius balls
+    precision, recall = ev.precision_recall(real, collapsed)
+    assert precision == 1.0 and recall == pytest.approx(1 / 1000)
+
+
+def test_memorization_detects_copies_of_training_digits_not_unseen_ones(evaluator, held_out):
+    result = evaluator.evaluate(evaluator.train_images[:1000], metrics=["memorization"])
+    assert result["memorization_rate"] == 1.0
+    assert result["memorization_threshold"] > 0.5
+    unseen = evaluator.evaluate(held_out[0], metrics=["memorization"])
+    assert unseen["memorization_rate"] < 0.04  # 0.01 by construction, on other test digits
+    nearest = ev.NearestTrain(evaluator.train_images[:3000])
+    queries = held_out[0][:50]
+    brute = np.sqrt(((queries[:, None].astype(np.float64) / 255 -
+                      evaluator.train_images[None, :3000] / 255) ** 2).sum((2, 3))).min(1)
+    np.testing.assert_allclose(nearest(queries), brute, rtol=1e-3, atol=1e-2)
+
+
+def test_label_accuracy_follows_the_requested_labels(evaluator, held_out):
+    images, labels = held_out
+    right = evaluator.evaluate(images, labels, metrics=["classes"])
+    assert right["label_accuracy"] >= 0.99
+    shuffled = np.random.default_rng(0).permutation(labels)
+    assert 0.06 < evaluator.evaluate(images, shuffled, metrics=[])["label_accuracy"] < 0.15
+    with pytest.raises(ev.UserError, match="labels must be"):
+        evaluator.evaluate(images, labels[:10])
+
+
+def test_too_few_or_bad_digits_are_refused(evaluator):
+    with pytest.raises(ev.UserError, match=f"at least {ev.MIN_SAMPLES} digits"):
+        evaluator.evaluate(evaluator.test_images[:ev.MIN_SAMPLES - 1])
+    with pytest.raises(ev.UserError, match="unknown metrics"):
+        evaluator.evaluate(evaluator.test_images, metrics=["fid"])
+    with pytest.raises(ev.UserError, match="uint8"):
+        evaluator.evaluate(evaluator.test_images / 127.5 - 1.0)
+
+
+@pytest.fixture(scope="session")
+def small_mnist_idx(tmp_path_factory, mnist):
+    """An IDX folder of real digits, smaller than MNIST, so the CLI runs fast."""
+    folder = tmp_path_factory.mktemp("small_mnist")
+    (train, train_labels), (test, test_labels) = mnist
+    for prefix, images, labels in (("train", train[:5000], train_labels[:5000]),
+                                   ("t10k", test[:1000], test_labels[:1000])):
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", 2051, images)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", 2049, labels)
+    return folder
+
+
+def test_cli_evaluates_an_npz_in_a_real_process(tmp_path, mnist, small_mnist_idx):
+    import subprocess
+    import sys
+
+    _, (test, labels) = mnist
+    np.savez_compressed(tmp_path / "real.npz", images=test[5000:5500], labels=labels[5000:5500])
+    result = subprocess.run(
+        [sys.executable, "-m", "digitscape_jax.evaluate", "--npz", str(tmp_path / "real.npz"),
+         "--mnist-idx", str(small_mnist_idx), "--json", str(tmp_path / "m.json")],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "FD, classifier features" in result.stdout and "label accuracy" in result.stdout
+    numbers = json.loads((tmp_path / "m.json").read_text())
+    assert numbers["n"] == 500 and numbers["reference_n"] == 1000
+    assert numbers["fd"] < 5 and numbers["label_accuracy"] >= 0.98
+    assert numbers["memorization_rate"] < 0.05
+
+    bad = subprocess.run([sys.executable, "-m", "digitscape_jax.evaluate", "--npz",
+                          str(tmp_path / "nowhere.npz")],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip() == f"error: --npz {tmp_path / 'nowhere.npz'}: no such file"
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_cli_refuses_malformed_npz_files(capsys, tmp_path, small_mnist_idx):
+    np.savez(tmp_path / "floats.npz", images=np.zeros((20, 28, 28), np.float32))
+    np.savez(tmp_path / "shape.npz", images=np.zeros((20, 32, 32), np.uint8))
+    np.savez(tmp_path / "key.npz", digits=np.zeros((20, 28, 28), np.uint8))
+    np.savez(tmp_path / "few.npz", images=np.zeros((ev.MIN_SAMPLES - 1, 28, 28), np.uint8))
+    np.savez(tmp_path / "labels.npz", images=np.zeros((20, 28, 28), np.uint8),
+             labels=np.full(20, 12))
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with (tmp_path / "npy.npz").open("wb") as f:
+        np.save(f, np.zeros((20, 28, 28), np.uint8))
+    for name, message in (("floats", "must be uint8"), ("shape", "must have shape (N, 28, 28)"),
+                          ("key", "has no 'images' array"), ("few", "at least"),
+                          ("labels", "labels must be classes"), ("junk", "not a readable .npz"),
+                          ("npy", "not an .npz archive"),
+                          ("missing", "no such file")):
+        argv = ["--npz", str(tmp_path / f"{name}.npz"), "--mnist-idx", str(small_mnist_idx)]
+        assert cli.run(ev.main, argv) == 1, name
+        line = one_line_error(capsys)
+        assert line.startswith("error: ") and message in line, (name, line)
+
+
+@pytest.mark.parametrize("flags,message", [
+    ([], "one of the arguments --ckpt --npz --calibrate --train-classifier is required"),
+    (["--ckpt", "c", "--npz", "s.npz"], "not allowed with argument"),
+    (["--npz", "s.npz", "--step", "3"], "--step needs --ckpt"),
+    (["--ckpt", "c", "--n", "0"], "--n: must be positive"),
+])
+def test_cli_rejects_bad_flags(capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        ev.main(flags)
+    assert exit_info.value.code == 2
+    assert message in one_line_error(capsys)
+
+
+def test_cli_calibration_separates_real_digits_from_bad_ones(capsys, tmp_path, small_mnist_idx):
+    argv = ["--calibrate", "--n", "300", "--mnist-idx", str(small_mnist_idx),
+            "--json", str(tmp_path / "c.json")]
+    assert cli.run(ev.main, argv) == 0
+    table = capsys.readouterr().out
+    assert table.startswith("| digits | n | FD |") and "uniform noise" in table
+    results = json.loads((tmp_path / "c.json").read_text())
+    fd = [r["fd"] for r in results.values()]
+    assert max(fd[:2]) < min(fd[2:])  # real digits (test, train), then blurred, one class, noise
+    real = results["real train digits"]
+    assert real["memorization_rate"] == 1.0  # they are the training digits
+
+
+def test_train_classifier_writes_loadable_weights(capsys, tmp_path, small_idx):
+    idx_dir, _ = small_idx  # 40 random digits: one batch, one step
+    path = tmp_path / "c.msgpack"
+    argv = ["--train-classifier", "--epochs", "1", "--mnist-idx", str(idx_dir),
+            "--classifier", str(path)]
+    assert cli.run(ev.main, argv) == 0
+    assert f"classifier -> {path}" in capsys.readouterr().out
+    info = json.loads(path.with_suffix(".json").read_text())
+    assert info["epochs"] == 1 and info["train_n"] == 40 and info["test_n"] == 12
+    params = classifier.load(path)
+    assert classifier.param_count(params) == info["param_count"]
+    first = classifier.train(*data.read_idx_split(idx_dir, "train"), epochs=1, log=lambda _: None)
+    again = classifier.train(*data.read_idx_split(idx_dir, "train"), epochs=1, log=lambda _: None)
+    for a, b, saved in zip(*map(jax_leaves, (first, again, params))):
+        np.testing.assert_array_equal(a, b)  # deterministic from the seed
+        np.testing.assert_array_equal(a, saved)
+
+
+def jax_leaves(tree) -> list[np.ndarray]:
+    import jax
+
+    return [np.asarray(leaf) for leaf in jax.tree_util.tree_leaves(tree)]
+
+
+def test_cli_draws_and_evaluates_digits_from_a_generator(capsys, tmp_path, small_mnist_idx):
+    import jax
+
+    from digitscape_jax.config import Config
+    from digitscape_jax.export import save_msgpack
+    from digitscape_jax.steps import create_states
+
+    config = Config(arch="seed")
+    g_state, _ = create_states(config, jax.random.key(0))
+    save_msgpack(tmp_path / "g.msgpack", config, g_state.variables, 0)
+    argv = ["--ckpt", str(tmp_path / "g.msgpack"), "--n", "200", "--mnist-idx",
+            str(small_mnist_idx), "--json", str(tmp_path / "m.json")]
+    assert cli.run(ev.main, argv) == 0
+    out = capsys.readouterr().out
+    assert f"200 digits from {tmp_path / 'g.msgpack'} (step 0, arch seed, seed 0)" in out
+    assert json.loads((tmp_path / "m.json").read_text())["fd"] > 50  # an untrained generator

@@ -1,0 +1,97 @@
+"""The fast paths give the plain path's results: several steps per call, the compilation cache."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from conftest import run_script
+from digitscape_jax.config import Config
+from digitscape_jax.data import stack_batches
+from digitscape_jax.steps import create_states, jit_train_step
+from digitscape_jax.trainer import call_plan
+from test_steps import state_trees
+
+
+def test_several_steps_per_call_equal_single_steps(real_batch):
+    config = Config(arch="seed", conditional=True)  # labels travel through the stack too
+    images = np.stack([np.roll(np.asarray(real_batch), i, axis=0) for i in range(4)])
+    labels = np.stack([np.arange(64) % 10 + i for i in range(4)]) % 10
+    key = jax.random.key(5)
+    single = jit_train_step(config, donate=False)
+    g_state, d_state = create_states(config, jax.random.key(0))
+    for i in range(4):
+        g_state, d_state, metrics = single(g_state, d_state, images[i], key, labels[i])
+    g_four, d_four, metrics_four = jit_train_step(config, donate=False, steps_per_call=4)(
+        *create_states(config, jax.random.key(0)), images, key, labels)
+    assert int(g_four.step) == int(d_four.step) == 4
+    # One compiled program of four updates may round differently from four programs of one
+    # (gradients that nearly cancel keep only a few digits), and Adam turns a rounding-sized
+    # change in a near-zero gradient into a step of up to lr. So: the losses agree to 1e-5,
+    # nearly every value of every state to 1e-3 of its tensor's scale, and every param within
+    # 2 * lr * steps. A wrong batch, order or step count misses all three by orders of magnitude.
+    for name in metrics:
+        np.testing.assert_allclose(metrics_four[name], metrics[name], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(state_trees(g_four, d_four)),
+                    jax.tree.leaves(state_trees(g_state, d_state)), strict=True):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        assert np.mean(np.abs(a - b) <= 1e-3 * np.abs(b).max()) >= 0.999
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(
+        a, b, rtol=0, atol=2 * config.learning_rate * 4), g_four.params, g_state.params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(
+        a, b, rtol=0, atol=2 * config.learning_rate * 4), d_four.params, d_state.params)
+
+
+def test_calls_never_pass_over_a_step_that_logs_samples_or_saves():
+    assert list(call_plan(0, 12, 4, (4,))) == [4, 4, 4]
+    assert list(call_plan(0, 10, 4, (5,))) == [1, 1, 1, 1, 1, 4, 1]
+    assert list(call_plan(3, 8, 4, (100,))) == [4, 1]  # resumed mid-way; the end is a boundary
+    plan = list(call_plan(7, 1000, 8, (100, 30, 1000)))
+    assert sum(plan) == 993
+    boundaries, step = [], 7
+    for k in plan:
+        inner = range(step + 1, step + k)
+        assert not any(s % e == 0 for s in inner for e in (100, 30))
+        step += k
+        boundaries.append(step)
+    assert {100, 200, 30, 60, 990}.issubset(boundaries)
+
+
+def test_stacked_batches_keep_the_order():
+    batches = iter([(np.full((2, 1), i), np.array([i, i])) for i in range(7)])
+    groups = list(stack_batches(batches, iter([1, 3, 1, 2])))
+    assert [g[0].shape for g in groups] == [(2, 1), (3, 2, 1), (2, 1), (2, 2, 1)]
+    np.testing.assert_array_equal(groups[1][1], [[1, 1], [2, 2], [3, 3]])
+    np.testing.assert_array_equal(groups[3][0][:, 0, 0], [5, 6])
+
+
+def test_several_steps_per_call_in_a_run(tmp_path, trained_run):
+    """--steps-per-call 4 logs, samples and saves the same steps as the plain run, with the
+    same losses."""
+    flags = ["--arch", "seed", "--steps", "10", "--log-every", "5", "--sample-every", "5",
+             "--ckpt-every", "5", "--data-dir", trained_run[0] / "tfds"]
+    runs = {}
+    for k in (1, 4):
+        workdir = tmp_path / str(k)
+        workdir.mkdir()
+        result = run_script("train.py", *flags, "--steps-per-call", k, cwd=workdir)
+        assert result.returncode == 0, result.stderr
+        runs[k] = [line.split("  ") for line in result.stdout.splitlines()
+                   if line.startswith("step ")]
+        assert sorted(p.name for p in (workdir / "ckpt").iterdir() if p.name.isdigit()) == ["10", "5"]
+    assert [r[0] for r in runs[4]] == [r[0] for r in runs[1]] == ["step 5/10", "step 10/10"]
+    for plain, fast in zip(runs[1], runs[4]):
+        assert plain[2:] == fast[2:]  # the losses, printed to 4 digits
+
+
+def test_a_rerun_loads_the_compiled_step_from_the_cache(tmp_path, trained_run):
+    cache = tmp_path / "cache"
+    flags = ["--arch", "seed", "--steps", "2", "--data-dir", trained_run[0] / "tfds",
+             "--compile-cache", cache]
+    first = run_script("train.py", *flags, "--ckpt-dir", tmp_path / "a", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    entries = sorted(p.name for p in cache.iterdir())
+    assert any(name.startswith("jit_train_step") for name in entries)
+    second = run_script("train.py", *flags, "--ckpt-dir", tmp_path / "b", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert sorted(p.name for p in cache.iterdir()) == entries  # every program was a cache hit
