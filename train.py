@@ -51,6 +51,13 @@ def parse_args(argv: Sequence[str] | None = None):
                    help="steps between sample rows")
     p.add_argument("--ckpt-every", type=cli.positive_int, default=defaults.ckpt_every,
                    help="steps between checkpoints; one is always written at the end")
+    p.add_argument("--eval-every", type=cli.non_negative_int, default=defaults.eval_every,
+                   help="steps between measurements of sample quality (FD and IS against the "
+                        "MNIST test set, and label accuracy for --conditional), logged and shown "
+                        "with the losses; 0 turns them off")
+    p.add_argument("--eval-samples", type=cli.positive_int, default=defaults.eval_samples,
+                   help="digits drawn for each measurement (FD is biased upwards for few; "
+                        "compare FDs of equal counts)")
     p.add_argument("--mnist-idx", default=None, metavar="DIR",
                    help="offline source: a folder with the four MNIST IDX .gz files "
                         "(train-images-idx3-ubyte.gz, ...), prepared once into --data-dir")
@@ -111,6 +118,8 @@ def config_from_args(args, default_dtype: str = "float32") -> Config:
         log_every=args.log_every,
         sample_every=args.sample_every,
         ckpt_every=args.ckpt_every,
+        eval_every=args.eval_every,
+        eval_samples=args.eval_samples,
     )
 
 

@@ -50,7 +50,9 @@ MAX_SEED = 2**63  # Seeds are int64 in JAX and TensorFlow.
 # sampled with the values it was written with.
 MODEL_FIELDS = ("arch", "latent_dim", "conditional")
 # Fields that only say how long to train and how often to report: free to change on resume.
-RUN_LENGTH_FIELDS = ("steps", "log_every", "sample_every", "ckpt_every")
+RUN_LENGTH_FIELDS = ("steps", "log_every", "sample_every", "ckpt_every", "eval_every",
+                     "eval_samples")
+MIN_EVAL_SAMPLES = 100  # Fewer digits give FDs dominated by their small-sample bias.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +74,8 @@ class Config:
     log_every: int = 100
     sample_every: int = 1_000
     ckpt_every: int = 1_000
+    eval_every: int = 2_000
+    eval_samples: int = 2_000
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -82,6 +86,10 @@ class Config:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0.0 < self.learning_rate < float("inf"):
             raise UserError(f"learning_rate must be positive and finite, got {self.learning_rate}")
+        if self.eval_every < 0:
+            raise UserError(f"eval_every must be >= 0 (0: no evaluation), got {self.eval_every}")
+        if self.eval_samples < MIN_EVAL_SAMPLES:
+            raise UserError(f"eval_samples must be at least {MIN_EVAL_SAMPLES}, got {self.eval_samples}")
         if self.dtype not in COMPUTE_DTYPES:
             raise UserError(f"unknown dtype {self.dtype!r}; choose one of {list(COMPUTE_DTYPES)}")
         if not 0 <= self.seed < MAX_SEED:

@@ -20,6 +20,12 @@ classifier of `digitscape_jax.classifier` (uint8 digits (N, 28, 28) in):
   space: the fraction of samples inside the union of the test digits' k-NN
   balls, and of test digits inside the samples' ones. The reference is
   min(N, 10,000) test digits, so both sets are the same size, as in the paper.
+  Precision has a known blind spot: fakes that all fall in the large ball of an
+  unusual real digit count as precise. Uniform noise does exactly that here
+  (its features sit together, inside the balls of two or three odd test
+  digits), so it scores a high precision. `density` (Naeem et al. 2020), the
+  mean number of real balls holding a sample over k (about 1 for real digits),
+  counts each such ball once and sees through it.
 - `memorization_rate`: the fraction of samples whose nearest training digit
   (pixel-space L2, pixels in [0, 1]) is closer than `memorization_threshold`:
   the 1st percentile of the same distance over the held-out test digits. Real
@@ -46,7 +52,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from digitscape_jax import classifier, cli
+from digitscape_jax.config import Config
 from digitscape_jax.errors import UserError
+from digitscape_jax.sampling import class_labels, generate
 
 K = 3  # Neighbours that set the radii of precision and recall.
 MIN_SAMPLES = K + 1
@@ -140,28 +148,40 @@ def knn_radii(features: np.ndarray, k: int = K) -> np.ndarray:
 
 
 @jax.jit
-def _covered_block(block: jax.Array, points: jax.Array, radii_sq: jax.Array) -> jax.Array:
+def _count_block(block: jax.Array, points: jax.Array, radii_sq: jax.Array) -> jax.Array:
     points_sq = jnp.sum(points * points, 1)
     d = _sq_distances(block, points, points_sq)
-    return jnp.any(d <= radii_sq[None] + _tolerance(block, points_sq), 1)
+    return jnp.sum(d <= radii_sq[None] + _tolerance(block, points_sq), 1)
 
 
-def coverage(queries: np.ndarray, points: np.ndarray, radii_sq: np.ndarray) -> np.ndarray:
-    """Whether each query (Q,) lies in any ball around `points` of squared radius `radii_sq`."""
+def ball_counts(queries: np.ndarray, points: np.ndarray, radii_sq: np.ndarray) -> np.ndarray:
+    """How many balls around `points`, of squared radii `radii_sq`, hold each query (Q,)."""
     queries = jnp.asarray(queries, jnp.float32)
     points, radii_sq = jnp.asarray(points, jnp.float32), jnp.asarray(radii_sq, jnp.float32)
-    return np.concatenate([np.asarray(_covered_block(queries[i:i + QUERY_BLOCK], points, radii_sq))
+    return np.concatenate([np.asarray(_count_block(queries[i:i + QUERY_BLOCK], points, radii_sq))
                            for i in range(0, len(queries), QUERY_BLOCK)])
+
+
+def precision_recall_density(real: np.ndarray, fake: np.ndarray, k: int = K,
+                             real_radii_sq: np.ndarray | None = None
+                             ) -> tuple[float, float, float]:
+    """Precision, recall (Kynkäänniemi et al. 2019) and density (Naeem et al. 2020).
+
+    Of feature sets real (N, D) and fake (M, D): precision is the fraction of
+    fakes inside any real k-NN ball, recall the fraction of reals inside any
+    fake one, density the mean number of real balls holding a fake, over k.
+    """
+    if real_radii_sq is None:
+        real_radii_sq = knn_radii(real, k)
+    counts = ball_counts(fake, real, real_radii_sq)
+    recall = ball_counts(real, fake, knn_radii(fake, k)) > 0
+    return float(np.mean(counts > 0)), float(recall.mean()), float(counts.mean() / k)
 
 
 def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = K,
                      real_radii_sq: np.ndarray | None = None) -> tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al. 2019) of feature sets (N, D), (M, D)."""
-    if real_radii_sq is None:
-        real_radii_sq = knn_radii(real, k)
-    precision = coverage(fake, real, real_radii_sq).mean()
-    recall = coverage(real, fake, knn_radii(fake, k)).mean()
-    return float(precision), float(recall)
+    return precision_recall_density(real, fake, k, real_radii_sq)[:2]
 
 
 def _flat_pixels(images: np.ndarray | jax.Array) -> jax.Array:
@@ -189,6 +209,8 @@ class NearestTrain:
 
     def __init__(self, train_images: np.ndarray):
         train_images = classifier.check_images(train_images, "training images")
+        if len(train_images) == 0:
+            raise UserError("memorization needs training digits, got none")
         pad = -len(train_images) % TRAIN_CHUNK if len(train_images) > TRAIN_CHUNK else 0
         padded = np.concatenate([train_images, np.repeat(train_images[:1], pad, 0)])
         chunk = min(TRAIN_CHUNK, len(padded))
@@ -236,8 +258,7 @@ class Evaluator:
             raise UserError(f"the reference needs more than k = {k} test digits")
         self.k = k
         self.memorization_percentile = memorization_percentile
-        self.test_features, test_logits = classifier.classify(self.params, self.test_images)
-        self.test_predicted = test_logits.argmax(1)
+        self.test_features, _ = classifier.classify(self.params, self.test_images)
         self.test_mu, self.test_sigma = feature_stats(self.test_features)
         # Precision/recall references of smaller sizes: a fixed random subset.
         self._order = np.random.default_rng(seed).permutation(len(self.test_images))
@@ -302,7 +323,8 @@ class Evaluator:
             result["class_kl"] = kl_to_uniform(fractions)
         if "precision_recall" in metrics:
             real, radii = self.reference(n)
-            result["precision"], result["recall"] = precision_recall(real, features, self.k, radii)
+            result["precision"], result["recall"], result["density"] = precision_recall_density(
+                real, features, self.k, radii)
             result["k"] = self.k
         if "memorization" in metrics:
             threshold = self.memorization_threshold
@@ -329,6 +351,19 @@ def evaluate(images: np.ndarray, labels: np.ndarray | None = None, *,
     """
     evaluator = evaluator or default_evaluator(data_dir, mnist_idx)
     return evaluator.evaluate(images, labels, metrics)
+
+
+def during_training(evaluator: Evaluator, config: Config, variables: Any, key: jax.Array,
+                    n: int) -> dict[str, float]:
+    """What the training loop logs every --eval-every steps: FD and IS of `n` digits from
+    fixed noise (`key`), and for a conditional G the accuracy of its labels (0..9 in turn)."""
+    labels = class_labels(config, n)
+    images = generate(config, variables, key, n, labels=labels)
+    result = evaluator.evaluate(images, labels, metrics=("fd", "inception_score"))
+    quality = {"fd": result["fd"], "is": result["inception_score"]}
+    if labels is not None:
+        quality["label_accuracy"] = result["label_accuracy"]
+    return quality
 
 
 # --- Data. ---
@@ -418,6 +453,7 @@ def format_report(result: dict[str, Any], source: str) -> str:
     if "precision" in result:
         rows.append((f"precision, k={result['k']} (best 1)", f"{result['precision']:.4f}"))
         rows.append((f"recall, k={result['k']} (best 1)", f"{result['recall']:.4f}"))
+        rows.append((f"density, k={result['k']} (real about 1)", f"{result['density']:.4f}"))
     if "memorization_rate" in result:
         name = (f"memorization rate (nearest train < {result['memorization_threshold']:.3f}; "
                 f"unseen digits {MEMORIZATION_PERCENTILE / 100:.2f})")
@@ -434,12 +470,12 @@ def format_report(result: dict[str, Any], source: str) -> str:
 
 def calibration_table(results: dict[str, dict[str, Any]]) -> str:
     """The calibration as a markdown table."""
-    lines = ["| digits | n | FD | IS | class KL | precision | recall | memorization |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| digits | n | FD | IS | class KL | precision | recall | density | memorization |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in results.items():
         lines.append(f"| {name} | {r['n']} | {r['fd']:.2f} | {r['inception_score']:.2f} | "
                      f"{r['class_kl']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} | "
-                     f"{r['memorization_rate']:.3f} |")
+                     f"{r['density']:.3f} | {r['memorization_rate']:.3f} |")
     return "\n".join(lines)
 
 
@@ -458,7 +494,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--ckpt", type=Path, default=None,
                         help="draw --n digits from this checkpoint directory or exported "
-                             "generator (.msgpack)")
+                             "generator (.msgpack); a conditional one is asked for 0..9 in "
+                             "turn, and scored on label accuracy too")
     source.add_argument("--npz", type=Path, default=None,
                         help="evaluate the uint8 (N, 28, 28) digits under 'images' in this .npz "
                              "(as sample.py --npz writes), with per-digit 'labels' if present")
@@ -470,6 +507,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "to --classifier, with a JSON of its test accuracy beside it")
     p.add_argument("--step", type=cli.positive_int, default=None,
                    help="with --ckpt: which checkpoint step (default: the newest readable one)")
+    p.add_argument("--raw", action="store_true",
+                   help="with --ckpt: G's trained weights instead of their moving average")
     p.add_argument("--n", type=cli.positive_int, default=DEFAULT_N,
                    help="digits to draw with --ckpt, and per set with --calibrate")
     p.add_argument("--seed", type=cli.seed, default=0,
@@ -487,8 +526,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=cli.positive_int, default=classifier.EPOCHS,
                    help="with --train-classifier: passes over the training set")
     args = p.parse_args(argv)
-    if args.step is not None and args.ckpt is None:
-        p.error("--step needs --ckpt")
+    for flag in ("step", "raw"):
+        if getattr(args, flag) not in (None, False) and args.ckpt is None:
+            p.error(f"--{flag} needs --ckpt")
     for flag in ("json", "classifier"):
         path = getattr(args, flag)
         if path is not None and (not path.name or path.name in (".", "..")):
@@ -544,14 +584,16 @@ def main(argv: Sequence[str] | None = None) -> None:
                                 f"at least {MIN_SAMPLES} are needed")
             source = str(args.npz)
         elif args.ckpt is not None:
-            from digitscape_jax.sampling import generate, load_generator
+            from digitscape_jax.sampling import load_generator
 
-            config, variables, step = load_generator(args.ckpt, args.step, warn=cli.warn)
+            config, variables, step = load_generator(args.ckpt, args.step, warn=cli.warn,
+                                                     raw=args.raw)
             if args.n < MIN_SAMPLES:
                 raise UserError(f"--n {args.n}: at least {MIN_SAMPLES} digits are needed")
-            images = generate(config, variables, jax.random.key(args.seed), args.n)
-            labels = None
-            source = f"{args.ckpt} (step {step}, arch {config.arch}, seed {args.seed})"
+            labels = class_labels(config, args.n)  # 0..9 in turn if conditional, else None
+            images = generate(config, variables, jax.random.key(args.seed), args.n, labels=labels)
+            source = (f"{args.ckpt} (step {step}, arch {config.arch}, seed {args.seed}"
+                      f"{', raw weights' if args.raw else ''})")
         (train_images, train_labels), (test_images, _) = load_mnist(args.data_dir, args.mnist_idx)
         evaluator = Evaluator(test_images, train_images, params=params)
         if args.calibrate:

@@ -43,10 +43,15 @@ class MetricsLog:
         os.replace(partial, self.path)
 
 
+QUALITY_FORMATS = {"fd": "FD {:.2f}", "is": "IS {:.2f}", "label_accuracy": "label acc {:.3f}"}
+
+
 def format_metrics(metrics: dict[str, float]) -> str:
-    """One readable line: d_loss, g_loss, D(x) and D(G(z))."""
-    return (f"d_loss {metrics['d_loss']:.4f}  g_loss {metrics['g_loss']:.4f}  "
-            f"D(x) {metrics['d_real']:.3f}  D(G(z)) {metrics['d_fake']:.3f}")
+    """One readable line: d_loss, g_loss, D(x) and D(G(z)), then the sample quality where
+    it was measured (FD, IS, and label accuracy for a conditional model)."""
+    quality = [form.format(metrics[key]) for key, form in QUALITY_FORMATS.items() if key in metrics]
+    return "  ".join([f"d_loss {metrics['d_loss']:.4f}  g_loss {metrics['g_loss']:.4f}  "
+                      f"D(x) {metrics['d_real']:.3f}  D(G(z)) {metrics['d_fake']:.3f}", *quality])
 
 
 class TensorBoardLog:

@@ -55,7 +55,10 @@ def save_gif(path: str | Path, frames: list[np.ndarray], frame_ms: int = 400) ->
 
 
 LOSS_PANELS = (("loss", ("d_loss", "g_loss")), ("discriminator output", ("d_real", "d_fake")))
-LABELS = {"d_loss": "d_loss", "g_loss": "g_loss", "d_real": "D(x)", "d_fake": "D(G(z))"}
+QUALITY_PANELS = (("FD to MNIST test (lower is better)", ("fd",)),
+                  ("inception score (10 is best)", ("is",)))
+LABELS = {"d_loss": "d_loss", "g_loss": "g_loss", "d_real": "D(x)", "d_fake": "D(G(z))",
+          "fd": "FD", "is": "IS"}
 
 
 def plot_losses(records: list[dict], path: str | Path) -> Path:
@@ -66,11 +69,13 @@ def plot_losses(records: list[dict], path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    steps = [r["step"] for r in records]
-    fig, axes = plt.subplots(1, len(LOSS_PANELS), figsize=(10, 3.5), constrained_layout=True)
-    for ax, (title, keys) in zip(axes, LOSS_PANELS):
+    panels = LOSS_PANELS + (QUALITY_PANELS if any("fd" in r for r in records) else ())
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5),
+                             constrained_layout=True)
+    for ax, (title, keys) in zip(axes, panels):
         for key in keys:
-            ax.plot(steps, [r[key] for r in records], label=LABELS[key])
+            points = [(r["step"], r[key]) for r in records if key in r]
+            ax.plot(*zip(*points), label=LABELS[key], marker="." if len(points) < 30 else None)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

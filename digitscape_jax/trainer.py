@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from digitscape_jax import cli, data, parallel
+from digitscape_jax import cli, data, evaluate, parallel
 from digitscape_jax.checkpointing import Checkpointer, RunLock
 from digitscape_jax.config import Config
 from digitscape_jax.errors import TrainingDiverged
@@ -225,7 +225,11 @@ def _train(config: Config, paths: RunPaths, stream: TextIO, warn: Callable[[str]
             data.prepare_mnist(paths.data_dir, paths.mnist_idx)
         parallel.sync(f"mnist prepared by the {turn}")
     images, labels = data.load_split("train", paths.data_dir)
-    init_key, step_key, sample_key = jax.random.split(jax.random.key(config.seed), 3)
+    init_key, step_key, sample_key, eval_key = jax.random.split(jax.random.key(config.seed), 4)
+    evaluator = None
+    if config.eval_every and parallel.is_primary():  # The primary process measures and logs.
+        test_images, _ = data.load_split("test", paths.data_dir)
+        evaluator = evaluate.Evaluator(test_images[..., 0], images[..., 0])
     outputs = RunOutputs(config, paths, sample_key, replicated)
     progress = Progress(start, config.steps, stream)
     if outputs.primary:
@@ -256,7 +260,8 @@ def _train(config: Config, paths: RunPaths, stream: TextIO, warn: Callable[[str]
     step_fns = {1: jit_train_step(config),
                 config.steps_per_call: jit_train_step(config, steps_per_call=config.steps_per_call)}
     plan = list(call_plan(start, config.steps, config.steps_per_call,
-                          (config.log_every, config.sample_every, config.ckpt_every)))
+                          (config.log_every, config.sample_every, config.ckpt_every,
+                           config.eval_every or config.steps)))
     rows = parallel.process_rows(mesh, config.batch_size)
 
     def to_device(batch: tuple[np.ndarray, np.ndarray]) -> tuple[jax.Array, jax.Array]:
@@ -286,7 +291,9 @@ def _train(config: Config, paths: RunPaths, stream: TextIO, warn: Callable[[str]
                 interval_start, interval_steps = time.perf_counter(), 0
             else:
                 interval_steps += call_steps
-            logging = step % config.log_every == 0 or step == config.steps
+            evaluating = config.eval_every and (step % config.eval_every == 0
+                                                or step == config.steps)
+            logging = step % config.log_every == 0 or step == config.steps or evaluating
             sampling = step % config.sample_every == 0
             requested = stop.signal_name is not None
             if jax.process_count() > 1:  # Agreeing costs a collective: only at log and save steps.
@@ -303,6 +310,10 @@ def _train(config: Config, paths: RunPaths, stream: TextIO, warn: Callable[[str]
                 elapsed = time.perf_counter() - interval_start
                 steps_per_s = (interval_steps / elapsed if interval_steps
                                else (step - start) / first_step_s)
+                if evaluating and evaluator is not None:
+                    logged |= evaluate.during_training(
+                        evaluator, config, jax.device_get(g_state.ema_variables), eval_key,
+                        config.eval_samples)
                 outputs.log({"step": step, "steps_per_s": steps_per_s, **logged})
                 progress.report(step, steps_per_s, logged)
                 interval_start, interval_steps = time.perf_counter(), 0

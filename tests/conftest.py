@@ -6,6 +6,7 @@ import gzip
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = Path(os.environ.get("DIGITSCAPE_MNIST_IDX", REPO.parent / "shared" / "mnist"))
 
 sys.path.insert(0, str(REPO))
+# One compilation cache for the session's runs, in and out of process, kept out of ~/.cache.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="digitscape-xla-"))
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +62,7 @@ def small_idx(tmp_path: Path) -> tuple[Path, dict[str, tuple[np.ndarray, np.ndar
 
 
 TRAIN_FLAGS = ["--arch", "seed", "--steps", "30", "--log-every", "10", "--sample-every", "10",
-               "--ckpt-every", "10"]
+               "--ckpt-every", "10", "--eval-every", "0"]
 
 
 def run_script(script: str, *args, cwd: Path,
@@ -73,13 +76,14 @@ def run_script(script: str, *args, cwd: Path,
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, mnist_idx):
     """`train.py` from nothing: prepares MNIST from the IDX files, trains 30 steps of `seed`,
-    with TensorBoard events.
+    with TensorBoard events, measuring sample quality at steps 20 and 30.
 
     Returns the working directory (with `ckpt/`, `generated_images/` and the tfds
     data dir `tfds/`) and the finished process.
     """
     workdir = tmp_path_factory.mktemp("run")
-    result = run_script("train.py", *TRAIN_FLAGS, "--tensorboard", "--mnist-idx", mnist_idx,
+    result = run_script("train.py", *TRAIN_FLAGS, "--eval-every", "20", "--eval-samples", "200",
+                        "--tensorboard", "--mnist-idx", mnist_idx,
                         "--data-dir", workdir / "tfds", cwd=workdir)
     assert result.returncode == 0, result.stderr
     return workdir, result

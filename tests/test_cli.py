@@ -33,9 +33,13 @@ def test_train_writes_every_output(trained_run):
         assert row.size == grid_size(1, 10) and row.mode == "L"
     records = [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [10, 20, 30]
-    for r in records:
-        assert set(r) == {"step", "steps_per_s", "d_loss", "g_loss", "d_real", "d_fake"}
+    losses = {"step", "steps_per_s", "d_loss", "g_loss", "d_real", "d_fake"}
+    for r in records:  # Sample quality at --eval-every 20, and at the end.
+        assert set(r) == (losses | {"fd", "is"} if r["step"] in (20, 30) else losses)
         assert 0 < r["d_real"] < 1 and 0 < r["d_fake"] < 1 and r["d_loss"] > 0
+    # 30 steps draw blobs of one kind: far from MNIST (real digits score FD ~1, IS ~9.8).
+    assert records[2]["fd"] > 100 and 1 <= records[2]["is"] < 3
+    assert "FD " in result.stdout and "IS " in result.stdout
     assert "step 30/30" in result.stdout and "D(G(z))" in result.stdout
     assert "devices: 1 x cpu" in result.stdout and "process 0 of 1" in result.stdout
 
@@ -81,7 +85,7 @@ def test_sample_is_reproducible_and_picks_steps(trained_run, tmp_path):
 def test_rerun_resumes_and_trains_up_to_steps(trained_run, tmp_path):
     workdir, _ = trained_run
     shutil.copytree(workdir / "ckpt", tmp_path / "ckpt")
-    result = run_script("train.py", *TRAIN_FLAGS[:2], "--steps", "40", "--log-every", "10",
+    result = run_script("train.py", *TRAIN_FLAGS[:2], "--eval-every", "0", "--steps", "40", "--log-every", "10",
                         "--data-dir", workdir / "tfds", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "resuming" in result.stdout and "from step 30" in result.stdout
@@ -200,7 +204,7 @@ def test_unwritable_output_paths_are_one_line_errors(capsys, tmp_path, trained_r
 def test_a_failing_picture_never_costs_a_checkpoint(capsys, tmp_path, trained_run):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    code = cli.run(train.main, ["--arch", "seed", "--steps", "3", "--sample-every", "2",
+    code = cli.run(train.main, ["--arch", "seed", "--eval-every", "0", "--steps", "3", "--sample-every", "2",
                                 "--ckpt-every", "2", "--ckpt-dir", str(tmp_path / "ckpt"),
                                 "--samples-dir", str(blocker),
                                 "--data-dir", str(trained_run[0] / "tfds")])
@@ -213,7 +217,7 @@ def test_a_fresh_start_replaces_the_metrics_of_a_run_that_saved_nothing(tmp_path
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     (ckpt / "metrics.jsonl").write_text('{"step": 1, "d_loss": 9}\n{"step": 2, "d_l')
-    assert cli.run(train.main, ["--arch", "seed", "--steps", "2", "--log-every", "1",
+    assert cli.run(train.main, ["--arch", "seed", "--eval-every", "0", "--steps", "2", "--log-every", "1",
                                 "--ckpt-dir", str(ckpt), "--samples-dir", str(tmp_path / "g"),
                                 "--data-dir", str(trained_run[0] / "tfds")]) == 0
     records = [json.loads(line) for line in (ckpt / "metrics.jsonl").open()]

@@ -33,7 +33,7 @@ def test_training_writes_a_progress_gif_and_loss_curves(trained_run):
         row = np.asarray(Image.open(workdir / "generated_images" / f"generated_images_{step}.png"))
         np.testing.assert_array_equal(frame, row)
     losses = Image.open(ckpt / "losses.png")
-    assert losses.size == (1000, 350)
+    assert losses.size == (2000, 350)  # four panels: losses, D's outputs, FD and IS
     assert np.asarray(losses.convert("L")).std() > 10  # curves, not a blank canvas
 
 
@@ -50,6 +50,7 @@ def test_tensorboard_events_hold_the_scalars_and_the_sample_rows(trained_run):
     logged = [float(tf.make_ndarray(e.tensor_proto)) for e in events.Tensors("d_loss")]
     np.testing.assert_allclose(logged, [r["d_loss"] for r in records], rtol=1e-6)
     assert [e.step for e in events.Tensors("samples")] == [10, 20, 30]
+    assert [e.step for e in events.Tensors("fd")] == [e.step for e in events.Tensors("is")] == [20, 30]
 
 
 def test_the_run_ends_with_a_summary_of_where_everything_went(trained_run):

@@ -24,7 +24,7 @@ import train
 STEPS = 10
 LEARNING_RATE = 1e-4
 FLAGS = ["--arch", "seed", "--steps", STEPS, "--log-every", 1, "--ckpt-every", 5,
-         "--sample-every", 5, "--lr", LEARNING_RATE]
+         "--sample-every", 5, "--eval-every", 0, "--lr", LEARNING_RATE]
 # Adam moves each parameter by about the learning rate per step, whatever the size of its
 # gradient, so rounding can flip the direction of a near-zero gradient's step: after n steps,
 # runs that differ only in rounding can differ by up to 2 * lr * n in a parameter.

@@ -54,8 +54,8 @@ def losses(ckpt_dir: Path) -> list[tuple]:
 def test_sigkill_anywhere_then_rerun_ends_bitwise_where_an_uninterrupted_run_does(
         trained_run, tmp_path):
     data_dir = trained_run[0] / "tfds"
-    flags = ["--arch", "seed", "--batch-size", "32", "--steps", "24", "--ckpt-every", "1",
-             "--log-every", "1", "--sample-every", "1000", "--data-dir", data_dir]
+    flags = ["--arch", "seed", "--eval-every", "0", "--batch-size", "32", "--steps", "24",
+             "--ckpt-every", "1", "--log-every", "1", "--sample-every", "1000", "--data-dir", data_dir]
     (tmp_path / "reference").mkdir()
     reference = run_script("train.py", *flags, cwd=tmp_path / "reference")
     assert reference.returncode == 0, reference.stderr
@@ -100,10 +100,10 @@ def test_sigkill_anywhere_then_rerun_ends_bitwise_where_an_uninterrupted_run_doe
 
 def test_sigterm_and_sigint_stop_after_a_checkpoint_and_a_second_writer_is_refused(
         trained_run, tmp_path):
-    flags = ["--arch", "seed", "--steps", "1000000", "--log-every", "1000000",
+    flags = ["--arch", "seed", "--eval-every", "0", "--steps", "1000000", "--log-every", "1000000",
              "--data-dir", trained_run[0] / "tfds"]
     process = start_train(*flags, cwd=tmp_path)
-    wait_for_line(process, "first step")
+    wait_for_line(process, "first call")
 
     second = run_script("train.py", *flags, cwd=tmp_path)
     assert second.returncode == 1
@@ -121,7 +121,7 @@ def test_sigterm_and_sigint_stop_after_a_checkpoint_and_a_second_writer_is_refus
 
     process = start_train(*flags, cwd=tmp_path)
     assert f"from step {stopped_at}" in wait_for_line(process, "resuming")
-    wait_for_line(process, "first step")
+    wait_for_line(process, "first call")
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 0, err
@@ -179,7 +179,7 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_newest_good_one(
     assert "(step 20," in captured.out
 
     data_dir = str(trained_run[0] / "tfds")
-    assert cli.run(train.main, [*TRAIN_FLAGS[:2], "--steps", "40", "--log-every", "10",
+    assert cli.run(train.main, [*TRAIN_FLAGS[:2], "--eval-every", "0", "--steps", "40", "--log-every", "10",
                                 "--ckpt-dir", str(workdir / "ckpt"), "--data-dir", data_dir,
                                 "--samples-dir", str(workdir / "gen")]) == 0
     captured = capsys.readouterr()
