@@ -65,33 +65,25 @@ def test_stacked_batches_keep_the_order():
     np.testing.assert_array_equal(groups[3][0][:, 0, 0], [5, 6])
 
 
-def test_several_steps_per_call_in_a_run(tmp_path, trained_run):
-    """--steps-per-call 4 logs, samples and saves the same steps as the plain run, with the
-    same losses."""
-    flags = ["--arch", "seed", "--steps", "10", "--log-every", "5", "--sample-every", "5",
-             "--ckpt-every", "5", "--eval-every", "0", "--data-dir", trained_run[0] / "tfds"]
-    runs = {}
-    for k in (1, 4):
-        workdir = tmp_path / str(k)
-        workdir.mkdir()
-        result = run_script("train.py", *flags, "--steps-per-call", k, cwd=workdir)
-        assert result.returncode == 0, result.stderr
-        runs[k] = [line.split("  ") for line in result.stdout.splitlines()
-                   if line.startswith("step ")]
-        assert sorted(p.name for p in (workdir / "ckpt").iterdir() if p.name.isdigit()) == ["10", "5"]
-    assert [r[0] for r in runs[4]] == [r[0] for r in runs[1]] == ["step 5/10", "step 10/10"]
-    for plain, fast in zip(runs[1], runs[4]):
-        assert plain[2:] == fast[2:]  # the losses, printed to 4 digits
-
-
-def test_a_rerun_loads_the_compiled_step_from_the_cache(tmp_path, trained_run):
+def test_a_run_of_several_steps_per_call_and_its_rerun_from_the_compilation_cache(
+        tmp_path, trained_run):
+    """--steps-per-call 4 still logs, samples and saves at the steps asked for; a rerun loads
+    every compiled program from the cache (adding no entry) and prints the same losses."""
     cache = tmp_path / "cache"
-    flags = ["--arch", "seed", "--steps", "2", "--eval-every", "0",
+    flags = ["--arch", "seed", "--steps", "10", "--log-every", "5", "--sample-every", "5",
+             "--ckpt-every", "5", "--eval-every", "0", "--steps-per-call", "4",
              "--data-dir", trained_run[0] / "tfds", "--compile-cache", cache]
-    first = run_script("train.py", *flags, "--ckpt-dir", tmp_path / "a", cwd=tmp_path)
-    assert first.returncode == 0, first.stderr
-    entries = sorted(p.name for p in cache.iterdir())
-    assert any(name.startswith("jit_train_step") for name in entries)
-    second = run_script("train.py", *flags, "--ckpt-dir", tmp_path / "b", cwd=tmp_path)
-    assert second.returncode == 0, second.stderr
-    assert sorted(p.name for p in cache.iterdir()) == entries  # every program was a cache hit
+    runs, entries = [], []
+    for name in ("first", "rerun"):
+        result = run_script("train.py", *flags, "--ckpt-dir", tmp_path / name, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert sorted(p.name for p in (tmp_path / name).iterdir() if p.name.isdigit()) == ["10", "5"]
+        assert sorted(p.name for p in (tmp_path / "generated_images").iterdir()) == [
+            "generated_images_10.png", "generated_images_5.png"]
+        runs.append([[part for part in line.split("  ") if "steps/s" not in part]
+                     for line in result.stdout.splitlines() if line.startswith("step ")])
+        entries.append(sorted(p.name for p in cache.iterdir()))
+    assert [r[0] for r in runs[0]] == ["step 5/10", "step 10/10"]
+    assert runs[0] == runs[1]
+    assert any(name.startswith("jit_train_steps") for name in entries[0])
+    assert entries[1] == entries[0]  # every program was a cache hit
