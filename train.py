@@ -28,9 +28,11 @@ def parse_args(argv: Sequence[str] | None = None):
                         "the label beside the noise, D projects it onto its features")
     p.add_argument("--batch-size", type=cli.positive_int, default=None,
                    help="images per update; default: the arch's (seed 64, dcgan 256)")
-    p.add_argument("--lr", type=cli.positive_float, default=defaults.learning_rate,
-                   help="Adam learning rate of both G and D")
-    p.add_argument("--beta1", type=cli.unit_interval, default=defaults.beta1, help="Adam beta1")
+    p.add_argument("--lr", type=cli.positive_float, default=None,
+                   help="Adam learning rate of both G and D; default: the arch's (seed 1e-4, "
+                        "dcgan 2e-4)")
+    p.add_argument("--beta1", type=cli.unit_interval, default=None,
+                   help="Adam beta1; default: the arch's (seed 0.9, dcgan 0.5)")
     p.add_argument("--beta2", type=cli.unit_interval, default=defaults.beta2, help="Adam beta2")
     p.add_argument("--ema-decay", type=cli.unit_interval, default=defaults.ema_decay,
                    help="decay of the moving average of G's weights that sampling uses "
@@ -107,8 +109,8 @@ def config_from_args(args, default_dtype: str = "float32") -> Config:
         latent_dim=args.latent_dim,
         conditional=args.conditional,
         batch_size=args.batch_size or ARCHS[args.arch].batch_size,
-        learning_rate=args.lr,
-        beta1=args.beta1,
+        learning_rate=args.lr or ARCHS[args.arch].learning_rate,
+        beta1=ARCHS[args.arch].beta1 if args.beta1 is None else args.beta1,
         beta2=args.beta2,
         seed=args.seed,
         dtype=args.dtype or default_dtype,

@@ -222,3 +222,13 @@ def test_a_fresh_start_replaces_the_metrics_of_a_run_that_saved_nothing(tmp_path
                                 "--data-dir", str(trained_run[0] / "tfds")]) == 0
     records = [json.loads(line) for line in (ckpt / "metrics.jsonl").open()]
     assert [r["step"] for r in records] == [1, 2] and records[0]["d_loss"] != 9
+
+
+def test_each_arch_brings_its_own_defaults():
+    seed = train.config_from_args(train.parse_args(["--arch", "seed"]))
+    assert (seed.batch_size, seed.learning_rate, seed.beta1) == (64, 1e-4, 0.9)  # the original
+    default = train.config_from_args(train.parse_args([]))
+    assert (default.arch, default.batch_size, default.learning_rate, default.beta1) == (
+        "dcgan", 256, 2e-4, 0.5)
+    mine = train.config_from_args(train.parse_args(["--lr", "3e-4", "--beta1", "0"]))
+    assert (mine.learning_rate, mine.beta1) == (3e-4, 0.0)
