@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +23,7 @@ import optax
 from flax import serialization
 
 from digitscape_jax.errors import UserError
+from digitscape_jax.files import write_atomically
 
 WEIGHTS = Path(__file__).resolve().parent / "weights" / "mnist_classifier.msgpack"
 CLASSES = 10
@@ -178,17 +178,9 @@ def train(train_images: np.ndarray, train_labels: np.ndarray, *, epochs: int = E
 
 def save(path: str | Path, params: Any, info: dict[str, Any]) -> Path:
     """Writes the params (flax msgpack) to `path` and `info` to the JSON beside it, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for target, payload in ((path, serialization.to_bytes(jax.device_get(params))),
-                            (info_path(path), (json.dumps(info, indent=2) + "\n").encode())):
-        partial = target.with_name(target.name + ".partial")
-        try:
-            partial.write_bytes(payload)
-            os.replace(partial, target)
-        finally:
-            partial.unlink(missing_ok=True)
-    return path
+    write_atomically(path, serialization.to_bytes(jax.device_get(params)))
+    write_atomically(info_path(path), (json.dumps(info, indent=2) + "\n").encode())
+    return Path(path)
 
 
 def info_path(path: str | Path) -> Path:

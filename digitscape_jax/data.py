@@ -101,6 +101,14 @@ def _reachable(host: str, port: int = 443) -> bool:
         return False
 
 
+def idx_folder(mnist_idx: str) -> Path:
+    """The --mnist-idx folder, refused at once when it is not one."""
+    idx_dir = Path(mnist_idx)
+    if not idx_dir.is_dir():
+        raise UserError(f"--mnist-idx {mnist_idx}: no such folder")
+    return idx_dir
+
+
 def prepare_mnist(data_dir: str | None = None, mnist_idx: str | None = None) -> None:
     """Makes `tfds.load('mnist', data_dir=data_dir, download=False)` work.
 
@@ -110,9 +118,7 @@ def prepare_mnist(data_dir: str | None = None, mnist_idx: str | None = None) -> 
     if tfds.builder("mnist", data_dir=data_dir).is_prepared():
         return
     if mnist_idx is not None:
-        idx_dir = Path(mnist_idx)
-        if not idx_dir.is_dir():
-            raise UserError(f"--mnist-idx {mnist_idx}: no such folder")
+        idx_dir = idx_folder(mnist_idx)
         for split in IDX_FILES:  # Validate every file before writing anything.
             read_idx_split(idx_dir, split)
         _IdxMNIST(idx_dir, data_dir=data_dir).download_and_prepare()

@@ -380,9 +380,7 @@ def load_mnist(data_dir: str | None = None, mnist_idx: str | None = None
     from digitscape_jax import data  # TensorFlow: only when MNIST is needed
 
     if mnist_idx is not None:
-        idx_dir = Path(mnist_idx)
-        if not idx_dir.is_dir():
-            raise UserError(f"--mnist-idx {mnist_idx}: no such folder")
+        idx_dir = data.idx_folder(mnist_idx)
         return data.read_idx_split(idx_dir, "train"), data.read_idx_split(idx_dir, "test")
     data.prepare_mnist(data_dir)
     splits = [data.load_split(split, data_dir) for split in ("train", "test")]

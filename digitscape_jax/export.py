@@ -8,7 +8,6 @@ jax2tf, to serve the generator or convert it to TF.js or TFLite.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from flax import serialization
 
 from digitscape_jax.config import Config
 from digitscape_jax.errors import UserError
+from digitscape_jax.files import write_atomically
 from digitscape_jax.models import networks
 from digitscape_jax.steps import abstract_states
 
@@ -27,8 +27,6 @@ VERSION = 1
 
 def save_msgpack(path: str | Path, config: Config, variables: Any, step: int) -> Path:
     """Writes G's variables, config and step to one msgpack file, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": FORMAT,
         "version": VERSION,
@@ -36,13 +34,7 @@ def save_msgpack(path: str | Path, config: Config, variables: Any, step: int) ->
         "config": json.dumps(config.to_json()),
         "variables": serialization.to_state_dict(jax.device_get(variables)),
     }
-    partial = path.with_name(path.name + ".partial")
-    try:
-        partial.write_bytes(serialization.msgpack_serialize(payload))
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-    return path
+    return write_atomically(path, serialization.msgpack_serialize(payload))
 
 
 def load_msgpack(path: str | Path) -> tuple[Config, dict[str, Any], int]:

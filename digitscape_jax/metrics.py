@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from digitscape_jax.errors import UserError
+from digitscape_jax.files import write_atomically
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -38,9 +38,7 @@ class MetricsLog:
     def truncate_after(self, step: int) -> None:
         """Drops records past `step` (all of them for 0), atomically: they are logged again."""
         kept = [r for r in self.read() if r["step"] <= step]
-        partial = self.path.with_name(self.path.name + ".partial")
-        partial.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(partial, self.path)
+        write_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
 
 QUALITY_FORMATS = {"fd": "FD {:.2f}", "is": "IS {:.2f}", "label_accuracy": "label acc {:.3f}"}
