@@ -104,6 +104,14 @@ def one_line_error(capsys) -> str:
     return lines[0]
 
 
+def flag_error(capsys, main, flags) -> str:
+    """The error of a command line with a bad flag: exit 2 and one line, no traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(flags)
+    assert exit_info.value.code == 2
+    return one_line_error(capsys)
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--steps", "0"], "--steps: must be positive"),
     (["--steps", "-5"], "--steps: must be positive"),
@@ -114,10 +122,7 @@ def one_line_error(capsys) -> str:
     (["--lr", "nan"], "--lr: must be positive and finite"),
 ])
 def test_train_rejects_bad_flags(capsys, flags, message):
-    with pytest.raises(SystemExit) as exit_info:
-        train.main(flags)
-    assert exit_info.value.code == 2
-    assert message in one_line_error(capsys)
+    assert message in flag_error(capsys, train.main, flags)
 
 
 def test_train_rejects_bad_mnist_idx(capsys, tmp_path, small_idx):

@@ -13,6 +13,7 @@ from conftest import REPO, write_idx
 
 from digitscape_jax import classifier, cli, data
 from digitscape_jax import evaluate as ev
+from test_cli import flag_error, one_line_error
 
 REFERENCE_N = 2000  # test digits the evaluator compares with
 TRAIN_N = 10_000  # training digits it checks for memorization
@@ -174,14 +175,6 @@ def test_cli_evaluates_an_npz_in_a_real_process(tmp_path, mnist, small_mnist_idx
     assert bad.stderr.strip() == f"error: --npz {tmp_path / 'nowhere.npz'}: no such file"
 
 
-def one_line_error(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    return lines[0]
-
-
 def test_cli_refuses_malformed_npz_files(capsys, tmp_path, small_mnist_idx):
     np.savez(tmp_path / "floats.npz", images=np.zeros((20, 28, 28), np.float32))
     np.savez(tmp_path / "shape.npz", images=np.zeros((20, 32, 32), np.uint8))
@@ -210,10 +203,7 @@ def test_cli_refuses_malformed_npz_files(capsys, tmp_path, small_mnist_idx):
     (["--ckpt", "c", "--n", "0"], "--n: must be positive"),
 ])
 def test_cli_rejects_bad_flags(capsys, flags, message):
-    with pytest.raises(SystemExit) as exit_info:
-        ev.main(flags)
-    assert exit_info.value.code == 2
-    assert message in one_line_error(capsys)
+    assert message in flag_error(capsys, ev.main, flags)
 
 
 def test_cli_calibration_separates_real_digits_from_bad_ones(capsys, tmp_path, small_mnist_idx):
