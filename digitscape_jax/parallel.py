@@ -57,8 +57,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+def batch_sharding(mesh: Mesh, axis: int = 0) -> NamedSharding:
+    """Split along `data` on `axis` (1 for batches stacked for several steps per call)."""
+    return NamedSharding(mesh, PartitionSpec(*[None] * axis, DATA_AXIS))
 
 
 def process_rows(mesh: Mesh, batch_size: int) -> slice:
@@ -74,9 +75,8 @@ def process_rows(mesh: Mesh, batch_size: int) -> slice:
 def global_batch(local_rows: np.ndarray, mesh: Mesh, batch_size: int, axis: int = 0) -> jax.Array:
     """The global batch array, from this process's rows of it; the batch runs along `axis`
     (1 for batches stacked for several steps per call)."""
-    sharding = NamedSharding(mesh, PartitionSpec(*[None] * axis, DATA_AXIS))
     shape = (*local_rows.shape[:axis], batch_size, *local_rows.shape[axis + 1:])
-    return jax.make_array_from_process_local_data(sharding, local_rows, shape)
+    return jax.make_array_from_process_local_data(batch_sharding(mesh, axis), local_rows, shape)
 
 
 def any_process(flag: bool) -> bool:
