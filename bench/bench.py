@@ -7,10 +7,12 @@ Run from the repository root, after `pip install -r requirements-bench.txt`:
     python bench/bench.py --device gpu                      # jax and torch on the GPU
 
 What is timed is one full update of G and D as `digitscape_jax.steps.train_step` defines it:
-noise -> G, then D on concat([real, fake]) with dropout, d_loss = (bce(real, 1) +
-bce(fake, 0)) / 2 and g_loss = bce(fake, 1), both gradients from that one forward pass, and an
-Adam step (lr 1e-4, betas 0.9/0.999, eps 1e-7) on each network. The "real" images are one
-fixed random batch in [-1, 1]: there is no input pipeline, only the step.
+noise -> G, then D with dropout on the real batch and on the fakes (two calls), d_loss =
+(bce(real, 1) + bce(fake, 0)) / 2 and g_loss = bce(fake, 1), both gradients from that one forward
+pass, and an Adam step (eps 1e-7, with the learning rate and betas of `Config()`) on each
+network. Each framework backpropagates each loss only where it depends: d_loss into D, g_loss
+through D's fake call into G. The "real" images are one fixed random batch in [-1, 1]: there is
+no input pipeline, only the step.
 
 - jax: ours, `create_states` + `jit_train_step`, with the XLA flags `digitscape_jax` sets.
 - tf: Keras Sequential G and D with the same layers and a `@tf.function` step (one
@@ -103,18 +105,18 @@ def discriminator_macs(spec: ArchSpec) -> int:
 
 
 def step_flops(spec: ArchSpec, batch: int) -> int:
-    """Analytical FLOPs of one update: 3 * F_G + 4 * F_D.
+    """Analytical FLOPs of one update: 3 * F_G + 3.5 * F_D.
 
     F_G = 2 * MACs of G on `batch` noise vectors and F_D = 2 * MACs of D on 2 * `batch` images
-    (real and fake go through D as one batch). A convolution's MACs are output pixels x k^2 x
-    C_in x C_out; a transposed one's are input pixels x k^2 x C_in x C_out; a Dense's are
-    inputs x outputs. Backward costs 2x forward for the parts that get gradients (one pass for
-    the input gradient, one for the weight gradient):
+    (the real and the fake batch). A convolution's MACs are output pixels x k^2 x C_in x C_out;
+    a transposed one's are input pixels x k^2 x C_in x C_out; a Dense's are inputs x outputs.
+    Backward costs 2x forward for the parts that get gradients (one pass for the input
+    gradient, one for the weight gradient):
 
-        forward                                     F_G + F_D
-        d_loss backward through D                   2 * F_D
-        g_loss backward: D's input gradients only   F_D
-                         then all of G              2 * F_G
+        forward                                         F_G + F_D
+        d_loss backward through D                       2 * F_D
+        g_loss backward: D's input gradients, fakes     F_D / 2
+                         then all of G                  2 * F_G
 
     BatchNorm, activations, dropout, the losses and Adam are elementwise and left out; taps on
     'SAME' padding are counted. The count is the same for every framework, so GFLOP/s compare
@@ -122,7 +124,7 @@ def step_flops(spec: ArchSpec, batch: int) -> int:
     """
     f_g = 2 * generator_macs(spec) * batch
     f_d = 2 * discriminator_macs(spec) * 2 * batch
-    return 3 * f_g + 4 * f_d
+    return 3 * f_g + 7 * f_d // 2
 
 
 # --- Workers: build a step, time it -------------------------------------------------------------
@@ -228,8 +230,8 @@ def build_tf(spec: ArchSpec, batch: int) -> Built:
         noise = sample_noise((batch, LATENT_DIM))
         with tf.GradientTape(persistent=True) as tape:
             fake = generator(noise, training=True)
-            logits = discriminator(tf.concat([real, fake], 0), training=True)[:, 0]
-            real_logits, fake_logits = tf.split(logits, 2)
+            real_logits = discriminator(real, training=True)[:, 0]
+            fake_logits = discriminator(fake, training=True)[:, 0]
             d_loss = (bce(real_logits, 1.0) + bce(fake_logits, 0.0)) / 2
             g_loss = bce(fake_logits, 1.0)
         d_grads = tape.gradient(d_loss, discriminator.trainable_variables)
@@ -305,7 +307,7 @@ def build_torch(spec: ArchSpec, batch: int, gpu: bool, threads: int, compile_mod
 
     def step() -> float:
         fake = generator(sample_noise(batch, LATENT_DIM, device=device))
-        real_logits, fake_logits = discriminator(torch.cat([images, fake]))[:, 0].chunk(2)
+        real_logits, fake_logits = discriminator(images)[:, 0], discriminator(fake)[:, 0]
         d_loss = (bce(real_logits, 1.0) + bce(fake_logits, 0.0)) / 2
         g_loss = bce(fake_logits, 1.0)
         d_grads = torch.autograd.grad(d_loss, d_params, retain_graph=True)

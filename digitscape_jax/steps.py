@@ -90,40 +90,52 @@ def train_step(
     in from `g_state.step`, so it is a pure function of (seed, step). A
     conditional G draws fakes of the real batch's `labels`, so D sees both
     halves with the same classes; an unconditional one ignores them.
+
+    D scores the real and the fake batch in two calls (it has no batch
+    statistics), so that each loss backpropagates only where it depends:
+    d_loss into D's params, g_loss through D's fake half alone into G.
     """
     if config.conditional and labels is None:
         raise ValueError("a conditional model trains on labelled batches")
-    both_labels = None if labels is None else jnp.concatenate([labels, labels])
     noise_key, dropout_key = jax.random.split(jax.random.fold_in(key, g_state.step))
+    real_key, fake_key = jax.random.split(dropout_key)
     noise = sample_noise(noise_key, config.spec.noise, (images.shape[0], config.latent_dim))
 
-    def losses(g_params, d_params):
-        fake, g_updates = g_state.apply_fn(
+    def generate(g_params):
+        fake, updates = g_state.apply_fn(
             {"params": g_params, "batch_stats": g_state.batch_stats},
             noise, train=True, labels=labels, mutable=["batch_stats"],
         )
-        # Real and fake go through D as one batch: D has no batch statistics.
-        logits = d_state.apply_fn(
-            {"params": d_params}, jnp.concatenate([images, fake]), train=True,
-            labels=both_labels, rngs={"dropout": dropout_key},
-        )[:, 0]
-        real_logits, fake_logits = jnp.split(logits, 2)
-        d_loss = (bce_with_logits(real_logits, 1.0) + bce_with_logits(fake_logits, 0.0)) / 2
-        g_loss = bce_with_logits(fake_logits, 1.0)
-        metrics = {
-            "d_loss": d_loss,
-            "g_loss": g_loss,
-            "d_real": jax.nn.sigmoid(real_logits).mean(),  # D(x)
-            "d_fake": jax.nn.sigmoid(fake_logits).mean(),  # D(G(z))
-        }
-        return (d_loss, g_loss), (g_updates["batch_stats"], metrics)
+        return fake, updates["batch_stats"]
 
-    (d_loss, g_loss), backward, (batch_stats, metrics) = jax.vjp(
-        losses, g_state.params, d_state.params, has_aux=True
-    )
-    one, zero = jnp.ones_like(d_loss), jnp.zeros_like(g_loss)
-    _, d_grads = backward((one, zero))
-    g_grads, _ = backward((zero, one))
+    def discriminate(d_params, batch, dropout_key):
+        return d_state.apply_fn({"params": d_params}, batch, train=True, labels=labels,
+                                rngs={"dropout": dropout_key})[:, 0]
+
+    fake, g_backward, batch_stats = jax.vjp(generate, g_state.params, has_aux=True)
+    real_logits, real_backward = jax.vjp(
+        lambda d_params: discriminate(d_params, images, real_key), d_state.params)
+    fake_logits, fake_backward = jax.vjp(
+        lambda d_params, fake: discriminate(d_params, fake, fake_key), d_state.params, fake)
+
+    def discriminator_loss(real_logits, fake_logits):
+        return (bce_with_logits(real_logits, 1.0) + bce_with_logits(fake_logits, 0.0)) / 2
+
+    def generator_loss(fake_logits):
+        return bce_with_logits(fake_logits, 1.0)
+
+    d_loss, (real_cotangent, fake_cotangent) = jax.value_and_grad(
+        discriminator_loss, argnums=(0, 1))(real_logits, fake_logits)
+    g_loss, g_cotangent = jax.value_and_grad(generator_loss)(fake_logits)
+    (d_grads,) = real_backward(real_cotangent)
+    d_grads = jax.tree.map(jnp.add, d_grads, fake_backward(fake_cotangent)[0])
+    (g_grads,) = g_backward(fake_backward(g_cotangent)[1])
+    metrics = {
+        "d_loss": d_loss,
+        "g_loss": g_loss,
+        "d_real": jax.nn.sigmoid(real_logits).mean(),  # D(x)
+        "d_fake": jax.nn.sigmoid(fake_logits).mean(),  # D(G(z))
+    }
     g_state = g_state.apply_gradients(grads=g_grads, batch_stats=batch_stats)
     g_state = g_state.replace(ema_params=update_ema(g_state.ema_params, g_state.params,
                                                     config.ema_decay, g_state.step))

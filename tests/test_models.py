@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from digitscape_jax.config import ARCHS
-from digitscape_jax.models import (ConvTranspose, Discriminator, Generator, leaky_relu,
-                                   sample_noise)
+from digitscape_jax.models import (PER_PHASE_MIN_FEATURES, Conv, ConvTranspose, Discriminator,
+                                   Dropout, Generator, leaky_relu, sample_noise, strided_conv)
 
 # Keras model.summary() of the original ("seed") and of the TF tutorial ("dcgan"):
 # (layer, output shape without the batch axis), in order, and the total parameter counts
@@ -113,13 +113,15 @@ def test_noise_priors():
     assert float(normal.min()) < -3.0 and abs(float(normal.std()) - 1.0) < 0.01
 
 
+# Below PER_PHASE_MIN_FEATURES output channels, one stacked convolution; from it up, one per phase.
+@pytest.mark.parametrize("features", [5, PER_PHASE_MIN_FEATURES])
 @pytest.mark.parametrize("kernel_size,stride", [(5, 1), (5, 2), (3, 2), (4, 2), (5, 3)])
-def test_conv_transpose_is_flax_and_lax_conv_transpose(kernel_size, stride):
+def test_conv_transpose_is_flax_and_lax_conv_transpose(kernel_size, stride, features):
     x = jax.random.normal(jax.random.key(0), (2, 7, 7, 6))
-    ours = ConvTranspose(5, kernel_size=kernel_size, strides=stride)
+    ours = ConvTranspose(features, kernel_size=kernel_size, strides=stride)
     variables = ours.init(jax.random.key(1), x)
     kernel = variables["params"]["kernel"]
-    flax_ref = nn.ConvTranspose(5, (kernel_size, kernel_size), strides=(stride, stride),
+    flax_ref = nn.ConvTranspose(features, (kernel_size, kernel_size), strides=(stride, stride),
                                 padding="SAME", use_bias=False)
 
     def ours_fn(k, x):
@@ -133,7 +135,7 @@ def test_conv_transpose_is_flax_and_lax_conv_transpose(kernel_size, stride):
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
     expected = lax_fn(kernel, x)
-    assert ours_fn(kernel, x).shape == (2, 7 * stride, 7 * stride, 5)
+    assert ours_fn(kernel, x).shape == (2, 7 * stride, 7 * stride, features)
     np.testing.assert_allclose(ours_fn(kernel, x), expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(flax_fn(kernel, x), expected, rtol=1e-5, atol=1e-5)
 
@@ -143,3 +145,45 @@ def test_conv_transpose_is_flax_and_lax_conv_transpose(kernel_size, stride):
              for f in (ours_fn, lax_fn)]
     for ours_grad, ref_grad in zip(*grads):
         np.testing.assert_allclose(ours_grad, ref_grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel_size,stride,size", [(5, 2, 28), (5, 2, 14), (3, 2, 12),
+                                                     (4, 2, 12), (5, 3, 12), (5, 1, 7)])
+def test_conv_is_flax_conv_with_the_same_gradients(kernel_size, stride, size):
+    x = jax.random.normal(jax.random.key(0), (2, size, size, 6))
+    ours = Conv(16, kernel_size=kernel_size, strides=stride)
+    variables = ours.init(jax.random.key(1), x)
+    variables = jax.tree.map(lambda p: p + 0.1, variables)  # a nonzero bias too
+    flax_ref = nn.Conv(16, (kernel_size, kernel_size), strides=stride, padding="SAME")
+    expected = flax_ref.apply(variables, x)
+    assert ours.apply(variables, x).shape == expected.shape == (2, size // stride,
+                                                                size // stride, 16)
+    np.testing.assert_allclose(ours.apply(variables, x), expected, rtol=1e-5, atol=1e-5)
+
+    # The custom input gradient (a transposed convolution) and XLA's kernel gradient.
+    cotangent = jax.random.normal(jax.random.key(2), expected.shape)
+    grads = [jax.grad(lambda v, x, m=m: (m.apply(v, x) * cotangent).sum(), argnums=(0, 1))(
+        variables, x) for m in (ours, flax_ref)]
+    for ours_grad, ref_grad in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+        np.testing.assert_allclose(ours_grad, ref_grad, rtol=1e-4, atol=1e-4)
+
+
+def test_strided_conv_gradient_needs_a_divisible_input():
+    x, kernel = jnp.ones((1, 7, 7, 1)), jnp.ones((5, 5, 1, 1))
+    with pytest.raises(ValueError, match="7x7 input divisible by stride 2"):
+        jax.grad(lambda x: strided_conv(x, kernel, 2).sum())(x)
+
+
+def test_dropout_keeps_its_rate_and_scales_the_kept_units():
+    x = jnp.ones((64, 14, 14, 64))
+    dropout = Dropout(0.3)
+    out = dropout.apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(0)})
+    kept = np.asarray(out) != 0
+    assert abs(kept.mean() - 0.7) < 0.002  # 802,816 units: the standard error is 0.0005
+    np.testing.assert_allclose(np.asarray(out)[kept], 1 / 0.7, rtol=1e-6)
+    # Units are dropped independently of their position: each channel and row keeps ~70%.
+    assert np.all(np.abs(kept.mean(axis=(0, 1, 2)) - 0.7) < 0.02)
+    assert np.all(np.abs(kept.mean(axis=(0, 2, 3)) - 0.7) < 0.02)
+    other = dropout.apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(1)})
+    assert not np.array_equal(np.asarray(other) != 0, kept)
+    np.testing.assert_array_equal(dropout.apply({}, x, deterministic=True), x)

@@ -59,14 +59,15 @@ def test_one_forward_pass_gives_each_network_its_own_loss_gradient(real_batch):
     g_state, d_state = create_states(config, jax.random.key(0))
     key = jax.random.key(3)
     noise_key, dropout_key = jax.random.split(jax.random.fold_in(key, 0))
+    real_key, fake_key = jax.random.split(dropout_key)
     noise = sample_noise(noise_key, "uniform", (64, 100))
 
     def logits(g_params, d_params):
         fake, _ = g_state.apply_fn({"params": g_params, "batch_stats": g_state.batch_stats},
                                    noise, train=True, mutable=["batch_stats"])
-        out = d_state.apply_fn({"params": d_params}, jnp.concatenate([real_batch, fake]),
-                               train=True, rngs={"dropout": dropout_key})[:, 0]
-        return jnp.split(out, 2)
+        return [d_state.apply_fn({"params": d_params}, images, train=True,
+                                 rngs={"dropout": dropout})[:, 0]
+                for images, dropout in ((real_batch, real_key), (fake, fake_key))]
 
     def bce(x, label):
         return optax.sigmoid_binary_cross_entropy(x, jnp.full_like(x, label)).mean()
