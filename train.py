@@ -84,6 +84,11 @@ def parse_args(argv: Sequence[str] | None = None):
     p.add_argument("--steps-per-call", type=cli.positive_int, default=defaults.steps_per_call,
                    help="updates per device call, unrolled in one compiled function: less "
                         "per-call overhead for small models, longer compilation")
+    p.add_argument("--data-on-device", action="store_true",
+                   help="keep the whole training split on the devices and gather each batch "
+                        "there, in the same order as the host's tf.data stream: for GPUs and "
+                        "TPUs, where feeding a small model from the host can cost more than "
+                        "its update")
     p.add_argument("--compile-cache", metavar="DIR",
                    default=os.environ.get("JAX_COMPILATION_CACHE_DIR", xla_flags.DEFAULT_CACHE_DIR),
                    help="where compiled steps are kept, so that a rerun does not compile again; "
@@ -116,6 +121,7 @@ def config_from_args(args, default_dtype: str = "float32") -> Config:
         dtype=args.dtype or default_dtype,
         ema_decay=args.ema_decay,
         steps_per_call=args.steps_per_call,
+        data_on_device=args.data_on_device,
         steps=args.steps,
         log_every=args.log_every,
         sample_every=args.sample_every,

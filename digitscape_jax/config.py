@@ -54,9 +54,10 @@ MAX_SEED = 2**63  # Seeds are int64 in JAX and TensorFlow.
 # Fields that define the networks' shapes: a checkpoint can only be resumed or
 # sampled with the values it was written with.
 MODEL_FIELDS = ("arch", "latent_dim", "conditional")
-# Fields that only say how long to train and how often to report: free to change on resume.
+# Fields that only say how long to train, how often to report and where the batches are
+# gathered: free to change on resume.
 RUN_LENGTH_FIELDS = ("steps", "log_every", "sample_every", "ckpt_every", "eval_every",
-                     "eval_samples")
+                     "eval_samples", "data_on_device")
 MIN_EVAL_SAMPLES = 100  # Fewer digits give FDs dominated by their small-sample bias.
 
 
@@ -75,6 +76,7 @@ class Config:
     dtype: str = "float32"
     ema_decay: float = 0.999
     steps_per_call: int = 1
+    data_on_device: bool = False
     steps: int = 20_000
     log_every: int = 100
     sample_every: int = 1_000

@@ -1,24 +1,29 @@
-"""MNIST through tensorflow-datasets: preparing it (offline from IDX files), and streaming it.
+"""MNIST through tensorflow-datasets: preparing it (offline from IDX files), and batching it.
 
-The training stream is a pure function of (seed, step): each epoch is a
-stateless permutation keyed by (seed, epoch), so a resumed run sees exactly the
-batches an uninterrupted one would have.
+The training batches are a pure function of (seed, step): each epoch is a
+permutation keyed by (seed, epoch), so a resumed run sees exactly the batches
+an uninterrupted one would have. They come either streamed by tf.data from the
+host (`train_batches`) or gathered on the devices from a resident copy of the
+split (`DeviceData`); both give the same batches.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
 import socket
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from tensorflow_datasets.image_classification.mnist import MNIST
 
+from digitscape_jax import parallel
 from digitscape_jax.errors import UserError
 
 # tf.data runs on the host: keep TensorFlow off any GPU, which JAX owns.
@@ -140,9 +145,21 @@ def load_split(split: str, data_dir: str | None = None) -> tuple[np.ndarray, np.
     return np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
 
 
-def to_unit_range(images: tf.Tensor) -> tf.Tensor:
-    """uint8 [0, 255] -> float32 [-1, 1], as the original scales its inputs."""
-    return tf.cast(images, tf.float32) / 127.5 - 1.0
+# uint8 [0, 255] -> float32 [-1, 1], as the original scales its inputs: one table, so that
+# the host's stream and the devices' gather give the very same values.
+UNIT_RANGE = np.arange(256, dtype=np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def epoch_order(key: jax.Array, epoch: jax.Array, n: int) -> jax.Array:
+    """The order in which epoch `epoch` visits the n training images: a permutation keyed by
+    (key, epoch), computed wherever JAX runs: the same on the host and on the devices."""
+    return jax.random.permutation(jax.random.fold_in(key, epoch), n)
+
+
+def check_batch_size(batch_size: int, n: int) -> None:
+    if batch_size > n:
+        raise UserError(f"--batch-size {batch_size} is larger than the dataset ({n} images)")
 
 
 def train_batches(
@@ -152,34 +169,98 @@ def train_batches(
     """Endless shuffled (images in [-1, 1], int32 labels) batches; batch `s` depends only on
     (seed, s).
 
-    Each epoch is a fresh stateless permutation of the whole split, keyed by
-    (seed, epoch); the epochs are concatenated and cut into full batches, so
-    the stream can be started at any step without replaying earlier ones.
-    Only `rows` of each batch are read: a process's part of the global batch,
-    so that the processes of a run read disjoint images.
+    Each epoch is a fresh permutation of the whole split, `epoch_order`; the
+    epochs are concatenated and cut into full batches, so the stream can be
+    started at any step without replaying earlier ones. Only `rows` of each
+    batch are read: a process's part of the global batch, so that the processes
+    of a run read disjoint images.
     """
     n = len(images)
-    if batch_size > n:
-        raise UserError(f"--batch-size {batch_size} is larger than the dataset ({n} images)")
+    check_batch_size(batch_size, n)
     first = start_step * batch_size
     pixels, classes = tf.constant(images), tf.constant(labels, tf.int32)
+    key = jax.random.key(seed)
 
-    def epoch_order(epoch: tf.Tensor) -> tf.data.Dataset:
-        order = tf.random.experimental.stateless_shuffle(
-            tf.range(n, dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), epoch])
-        )
-        return tf.data.Dataset.from_tensor_slices(order)
+    def order(epoch: tf.Tensor) -> tf.Tensor:
+        indices = tf.numpy_function(lambda e: np.asarray(epoch_order(key, e, n)), [epoch],
+                                    tf.int32, stateful=False)
+        return tf.ensure_shape(indices, (n,))
+
+    def gather(indices: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        indices = indices[rows.start:rows.stop]
+        pixel_values = tf.cast(tf.gather(pixels, indices), tf.int32)
+        return tf.gather(UNIT_RANGE, pixel_values), tf.gather(classes, indices)
 
     return (
         tf.data.Dataset.range(first // n, np.iinfo(np.int64).max)
-        .flat_map(epoch_order)
+        .map(order)
+        .unbatch()
         .skip(first % n)
         .batch(batch_size, drop_remainder=True)
-        .map(lambda index: (to_unit_range(tf.gather(pixels, index[rows.start:rows.stop])),
-                            tf.gather(classes, index[rows.start:rows.stop])),
-             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        .map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         .prefetch(tf.data.AUTOTUNE)
     )
+
+
+class DeviceData:
+    """The whole uint8 training split resident on the devices, batched there.
+
+    An option beside `train_batches` for accelerators, where feeding a small model
+    from the host can cost more than its update: the split is copied to every
+    device once (47 MB for MNIST), and each call's batches are gathered, scaled
+    and sharded over the mesh on the devices, in the same order as the stream's.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int,
+                 mesh: jax.sharding.Mesh) -> None:
+        self._n = len(images)
+        check_batch_size(batch_size, self._n)
+        _check_fits(images.nbytes + labels.nbytes)
+        replicated = parallel.replicated(mesh)
+        self._images = jax.make_array_from_process_local_data(replicated, images)
+        self._labels = jax.make_array_from_process_local_data(replicated, labels.astype(np.int32))
+        self._key = jax.jit(lambda: jax.random.key(seed), out_shardings=replicated)()
+        self._batch_size = batch_size
+        self._gather = {  # one per stacking: a call of one step, or of several
+            axis: jax.jit(_gather, static_argnums=(4, 5), out_shardings=(
+                parallel.batch_sharding(mesh, axis), parallel.batch_sharding(mesh, axis)))
+            for axis in (0, 1)
+        }
+
+    def batches(self, start_step: int, plan: Iterable[int]) -> Iterator[tuple[jax.Array, jax.Array]]:
+        """For each call of `plan`, its steps' (images, labels): one batch, or k stacked."""
+        plan = list(plan)
+        # Enough consecutive epochs to hold any call's batches from any offset in the first.
+        span = 1 + -(-max(plan, default=1) * self._batch_size // self._n)
+        position, orders_from, orders = start_step * self._batch_size, None, None
+        for k in plan:
+            epoch, offset = divmod(position, self._n)
+            if epoch != orders_from:
+                orders_from = epoch
+                orders = jnp.concatenate([epoch_order(self._key, e, self._n)
+                                          for e in range(epoch, epoch + span)])
+            yield self._gather[int(k > 1)](self._images, self._labels, orders, offset, k,
+                                           self._batch_size)
+            position += k * self._batch_size
+
+
+def _gather(images: jax.Array, labels: jax.Array, orders: jax.Array, offset: jax.Array,
+            steps: int, batch_size: int) -> tuple[jax.Array, jax.Array]:
+    index = jax.lax.dynamic_slice_in_dim(orders, offset, steps * batch_size)
+    if steps > 1:
+        index = index.reshape(steps, batch_size)
+    return jnp.asarray(UNIT_RANGE)[images[index]], labels[index]
+
+
+def _check_fits(nbytes: int) -> None:
+    """Refuses --data-on-device where the split would crowd out training (devices that say)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+        if nbytes > free // 4:
+            raise UserError(f"--data-on-device: the training split needs {nbytes >> 20} MB, more "
+                            f"than a quarter of the device's {free >> 20} MB free; drop the flag "
+                            "to stream it from the host")
 
 
 def stack_batches(batches: Iterator[tuple[np.ndarray, ...]],

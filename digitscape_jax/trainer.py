@@ -262,15 +262,7 @@ def _train(config: Config, paths: RunPaths, stream: TextIO, warn: Callable[[str]
     plan = list(call_plan(start, config.steps, config.steps_per_call,
                           (config.log_every, config.sample_every, config.ckpt_every,
                            config.eval_every or config.steps)))
-    rows = parallel.process_rows(mesh, config.batch_size)
-
-    def to_device(batch: tuple[np.ndarray, np.ndarray]) -> tuple[jax.Array, jax.Array]:
-        axis = batch[0].ndim - 4  # 1 for batches stacked for a call of several steps
-        return tuple(parallel.global_batch(x, mesh, config.batch_size, axis) for x in batch)
-
-    batches = data.prefetch_to_device(data.stack_batches(
-        data.train_batches(images, labels, config.batch_size, config.seed, start,
-                           rows).as_numpy_iterator(), iter(plan)), to_device)
+    batches = _batches(config, mesh, images, labels, start, plan)
     compile_start = time.perf_counter()
     first_step_s = interval_start = 0.0
     interval_steps = 0
@@ -331,6 +323,24 @@ def _train(config: Config, paths: RunPaths, stream: TextIO, warn: Callable[[str]
         wall_s = progress.close()
     _summary(stream, config, start, wall_s, logged, outputs)
     return config.steps
+
+
+def _batches(config: Config, mesh: jax.sharding.Mesh, images: np.ndarray, labels: np.ndarray,
+             start: int, plan: list[int]) -> Iterator[tuple[jax.Array, jax.Array]]:
+    """Each call's (images, labels) on the devices, from `start`: gathered there from a
+    resident copy of the split, or streamed from the host by tf.data."""
+    if config.data_on_device:
+        return data.DeviceData(images, labels, config.batch_size, config.seed, mesh).batches(
+            start, plan)
+    rows = parallel.process_rows(mesh, config.batch_size)
+
+    def to_device(batch: tuple[np.ndarray, np.ndarray]) -> tuple[jax.Array, jax.Array]:
+        axis = batch[0].ndim - 4  # 1 for batches stacked for a call of several steps
+        return tuple(parallel.global_batch(x, mesh, config.batch_size, axis) for x in batch)
+
+    return data.prefetch_to_device(data.stack_batches(
+        data.train_batches(images, labels, config.batch_size, config.seed, start,
+                           rows).as_numpy_iterator(), iter(plan)), to_device)
 
 
 def _summary(stream: TextIO, config: Config, start: int, wall_s: float,

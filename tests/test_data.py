@@ -1,16 +1,19 @@
-"""MNIST preparation from IDX files, and the tf.data stream."""
+"""MNIST preparation from IDX files, the tf.data stream, and the batches gathered on the devices."""
 
 from __future__ import annotations
 
 import gzip
 
+import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
 from conftest import write_idx
 from digitscape_jax import data
+from digitscape_jax.data import DeviceData, epoch_order, stack_batches, train_batches
 from digitscape_jax.errors import UserError
+from digitscape_jax.parallel import data_parallel_mesh
 
 
 def sort_examples(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -131,3 +134,30 @@ def test_stream_is_a_pure_function_of_seed_and_step(mock_mnist):
 def test_batch_larger_than_the_dataset_is_refused(mock_mnist):
     with pytest.raises(UserError, match="larger than the dataset"):
         data.train_batches(*mock_mnist, 101, 0)
+
+
+@pytest.mark.parametrize("start,plan", [(0, [1] * 14), (5, [3, 1, 3, 3, 1, 7]), (6, [2, 1])])
+def test_device_data_gathers_the_streams_batches(start, plan):
+    """The resident split, batched on the devices, gives the tf.data stream's batches exactly,
+    one per call or stacked for a call of several steps, across epoch boundaries."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (100, 28, 28, 1), dtype=np.uint8)
+    labels = rng.integers(0, 10, 100)
+    streamed = stack_batches(train_batches(images, labels, 16, 7, start).as_numpy_iterator(),
+                             iter(plan))
+    gathered = DeviceData(images, labels, 16, 7, data_parallel_mesh(16)).batches(start, plan)
+    calls = list(zip(plan, streamed, gathered, strict=False))
+    assert len(calls) == len(plan)
+    for steps, (stream_images, stream_labels), (device_images, device_labels) in calls:
+        assert device_images.shape == ((16, 28, 28, 1) if steps == 1 else (steps, 16, 28, 28, 1))
+        assert device_images.dtype == np.float32 and device_labels.dtype == np.int32
+        np.testing.assert_array_equal(np.asarray(device_images), stream_images)
+        np.testing.assert_array_equal(np.asarray(device_labels), stream_labels)
+
+
+def test_epoch_order_is_a_permutation_keyed_by_epoch():
+    key = jax.random.key(3)
+    first, second = (np.asarray(epoch_order(key, epoch, 1000)) for epoch in (0, 1))
+    np.testing.assert_array_equal(np.sort(first), np.arange(1000))
+    assert not np.array_equal(first, second)
+    np.testing.assert_array_equal(first, np.asarray(epoch_order(jax.random.key(3), 0, 1000)))

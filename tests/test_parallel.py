@@ -67,9 +67,11 @@ def one_device_run(tmp_path_factory, trained_run) -> tuple[Path, Path]:
 
 
 def test_eight_devices_match_one(tmp_path, one_device_run):
+    """With the batches gathered on the 8 devices from their copy of the split, too: the
+    reference streams them from the host."""
     reference, data_dir = one_device_run
-    result = run_script("train.py", *FLAGS, "--data-dir", data_dir, cwd=tmp_path,
-                        env=host_devices(8))
+    result = run_script("train.py", *FLAGS, "--data-dir", data_dir, "--data-on-device",
+                        cwd=tmp_path, env=host_devices(8))
     assert result.returncode == 0, result.stderr
     assert "devices: 8 x cpu (cpu), 8 local; process 0 of 1" in result.stdout
     assert "mesh: {'data': 8}; batch 64 = 8 per device" in result.stdout
