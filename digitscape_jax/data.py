@@ -158,6 +158,7 @@ def epoch_order(key: jax.Array, epoch: jax.Array, n: int) -> jax.Array:
 
 
 def check_batch_size(batch_size: int, n: int) -> None:
+    """Refuses batches larger than the split: every batch holds distinct images."""
     if batch_size > n:
         raise UserError(f"--batch-size {batch_size} is larger than the dataset ({n} images)")
 
@@ -246,6 +247,7 @@ class DeviceData:
 
 def _gather(images: jax.Array, labels: jax.Array, orders: jax.Array, offset: jax.Array,
             steps: int, batch_size: int) -> tuple[jax.Array, jax.Array]:
+    """`steps` batches from `offset` in `orders` (consecutive epochs' orders), scaled to [-1, 1]."""
     index = jax.lax.dynamic_slice_in_dim(orders, offset, steps * batch_size)
     if steps > 1:
         index = index.reshape(steps, batch_size)
