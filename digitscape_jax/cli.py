@@ -56,7 +56,7 @@ positive_float = _checked(float, lambda v: 0.0 < v < float("inf"), "a positive n
                           "positive and finite")
 unit_interval = _checked(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)", "in [0, 1)")
 # A random seed: what JAX and TensorFlow accept.
-seed = _checked(int, lambda v: 0 <= v < MAX_SEED, "an integer >= 0", "in [0, 2**63)")
+seed = _checked(int, lambda v: 0 <= v < MAX_SEED, "an integer >= 0", "in [0, 2**32)")
 
 
 def run(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> int:

@@ -49,7 +49,7 @@ ARCHS: dict[str, ArchSpec] = {
 
 DEFAULT_ARCH = "dcgan"
 
-MAX_SEED = 2**63  # Seeds are int64 in JAX and TensorFlow.
+MAX_SEED = 2**32  # A JAX key (without 64-bit mode) holds 32 bits of seed: more would collide.
 
 # Fields that define the networks' shapes: a checkpoint can only be resumed or
 # sampled with the values it was written with.
@@ -100,7 +100,7 @@ class Config:
         if self.dtype not in COMPUTE_DTYPES:
             raise UserError(f"unknown dtype {self.dtype!r}; choose one of {list(COMPUTE_DTYPES)}")
         if not 0 <= self.seed < MAX_SEED:
-            raise UserError(f"seed must be in [0, 2**63), got {self.seed}")
+            raise UserError(f"seed must be in [0, 2**32), got {self.seed}")
         for name in ("beta1", "beta2", "ema_decay"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise UserError(f"{name} must be in [0, 1), got {getattr(self, name)}")

@@ -153,7 +153,8 @@ UNIT_RANGE = np.arange(256, dtype=np.float32) / np.float32(127.5) - np.float32(1
 @functools.partial(jax.jit, static_argnums=2)
 def epoch_order(key: jax.Array, epoch: jax.Array, n: int) -> jax.Array:
     """The order in which epoch `epoch` visits the n training images: a permutation keyed by
-    (key, epoch), computed wherever JAX runs: the same on the host and on the devices."""
+    (key, epoch). Both data paths compute it with JAX on the devices: `DeviceData` keeps it
+    there, and the stream copies it to the host once an epoch."""
     return jax.random.permutation(jax.random.fold_in(key, epoch), n)
 
 
@@ -183,8 +184,8 @@ def train_batches(
     key = jax.random.key(seed)
 
     def order(epoch: tf.Tensor) -> tf.Tensor:
-        indices = tf.numpy_function(lambda e: np.asarray(epoch_order(key, e, n)), [epoch],
-                                    tf.int32, stateful=False)
+        indices = tf.numpy_function(lambda e: np.asarray(epoch_order(key, e, n), np.int32),
+                                    [epoch], tf.int32, stateful=False)
         return tf.ensure_shape(indices, (n,))
 
     def gather(indices: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:

@@ -87,6 +87,8 @@ def conv_transpose(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     kernel taps that reach it; depth-to-space interleaves the phases.
     """
     k, features = kernel.shape[0], kernel.shape[-1]
+    if k < stride:
+        raise ValueError(f"a {k}x{k} kernel leaves gaps at stride {stride}: phases without taps")
     taps, pad_lo, pad_hi = phase_taps(k, stride)
     if features < PER_PHASE_MIN_FEATURES:
         # One convolution to (py, px, cout) channels; taps[p, d] == k reads zeros.
@@ -123,22 +125,22 @@ def strided_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     The input gradient of a strided convolution is a transposed one, which
     XLA:CPU runs over the zero-dilated output gradient: 2.5x slower than the
     phase form for the discriminator's second layer. The forward pass and the
-    kernel gradient stay XLA's own. It needs `x`'s height and width to be
-    multiples of `stride`, and a kernel at least `stride` wide.
+    kernel gradient stay XLA's own, and so does the input gradient where the
+    phase form does not apply: an input whose height or width `stride` does
+    not divide, or a kernel narrower than `stride`.
     """
     return _conv(x, kernel, stride)
 
 
 def _strided_conv_forward(x: jax.Array, kernel: jax.Array, stride: int):
-    height, width = x.shape[1:3]
-    if height % stride or width % stride or kernel.shape[0] < stride:
-        raise ValueError(f"strided_conv needs a {height}x{width} input divisible by stride "
-                         f"{stride} and a kernel of at least {stride}, not {kernel.shape[0]}")
     return _conv(x, kernel, stride), (x, kernel)
 
 
 def _strided_conv_backward(stride: int, residuals: tuple[jax.Array, jax.Array], dy: jax.Array):
     x, kernel = residuals
+    height, width = x.shape[1:3]
+    if height % stride or width % stride or kernel.shape[0] < stride:
+        return jax.vjp(lambda x, k: _conv(x, k, stride), x, kernel)[1](dy)
     _, kernel_backward = jax.vjp(lambda k: _conv(x, k, stride), kernel)
     (dkernel,) = kernel_backward(dy)
     # With the kernel flipped and its channels swapped, the gradient of 'SAME' padding
@@ -201,6 +203,8 @@ class Dropout(nn.Module):
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
         if deterministic or self.rate == 0.0:
             return x
+        if self.rate == 1.0:
+            return jnp.zeros_like(x)
         keep = 1.0 - self.rate
         words = jax.random.bits(self.make_rng("dropout"), (-(-x.size // 2),), jnp.uint32)
         halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(-1)[:x.size]

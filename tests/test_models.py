@@ -10,7 +10,7 @@ import pytest
 
 from digitscape_jax.config import ARCHS
 from digitscape_jax.models import (PER_PHASE_MIN_FEATURES, Conv, ConvTranspose, Discriminator,
-                                   Dropout, Generator, leaky_relu, sample_noise, strided_conv)
+                                   Dropout, Generator, leaky_relu, sample_noise)
 
 # Keras model.summary() of the original ("seed") and of the TF tutorial ("dcgan"):
 # (layer, output shape without the batch axis), in order, and the total parameter counts
@@ -147,17 +147,22 @@ def test_conv_transpose_is_flax_and_lax_conv_transpose(kernel_size, stride, feat
         np.testing.assert_allclose(ours_grad, ref_grad, rtol=1e-4, atol=1e-4)
 
 
+# Channels below and from PER_PHASE_MIN_FEATURES up take both forms of the custom input
+# gradient; a size that the stride does not divide, and a kernel narrower than the stride, take
+# XLA's own.
+@pytest.mark.parametrize("channels", [3, PER_PHASE_MIN_FEATURES])
 @pytest.mark.parametrize("kernel_size,stride,size", [(5, 2, 28), (5, 2, 14), (3, 2, 12),
-                                                     (4, 2, 12), (5, 3, 12), (5, 1, 7)])
-def test_conv_is_flax_conv_with_the_same_gradients(kernel_size, stride, size):
-    x = jax.random.normal(jax.random.key(0), (2, size, size, 6))
+                                                     (4, 2, 12), (5, 3, 12), (5, 1, 7),
+                                                     (5, 2, 7), (1, 2, 8)])
+def test_conv_is_flax_conv_with_the_same_gradients(kernel_size, stride, size, channels):
+    x = jax.random.normal(jax.random.key(0), (2, size, size, channels))
     ours = Conv(16, kernel_size=kernel_size, strides=stride)
     variables = ours.init(jax.random.key(1), x)
     variables = jax.tree.map(lambda p: p + 0.1, variables)  # a nonzero bias too
     flax_ref = nn.Conv(16, (kernel_size, kernel_size), strides=stride, padding="SAME")
     expected = flax_ref.apply(variables, x)
-    assert ours.apply(variables, x).shape == expected.shape == (2, size // stride,
-                                                                size // stride, 16)
+    out_size = -(-size // stride)
+    assert ours.apply(variables, x).shape == expected.shape == (2, out_size, out_size, 16)
     np.testing.assert_allclose(ours.apply(variables, x), expected, rtol=1e-5, atol=1e-5)
 
     # The custom input gradient (a transposed convolution) and XLA's kernel gradient.
@@ -168,10 +173,29 @@ def test_conv_is_flax_conv_with_the_same_gradients(kernel_size, stride, size):
         np.testing.assert_allclose(ours_grad, ref_grad, rtol=1e-4, atol=1e-4)
 
 
-def test_strided_conv_gradient_needs_a_divisible_input():
-    x, kernel = jnp.ones((1, 7, 7, 1)), jnp.ones((5, 5, 1, 1))
-    with pytest.raises(ValueError, match="7x7 input divisible by stride 2"):
-        jax.grad(lambda x: strided_conv(x, kernel, 2).sum())(x)
+def test_conv_computes_its_gradients_in_bfloat16():
+    x = jax.random.normal(jax.random.key(0), (4, 14, 14, 64))
+    ours = Conv(128, strides=2, dtype=jnp.bfloat16)
+    variables = ours.init(jax.random.key(1), x)
+    flax_ref = nn.Conv(128, (5, 5), strides=2, padding="SAME")
+    cotangent = jax.random.normal(jax.random.key(2), (4, 7, 7, 128))
+
+    def grads(module, x):
+        return jax.grad(lambda v, x: (module.apply(v, x).astype(jnp.float32) * cotangent).sum(),
+                        argnums=(0, 1))(variables, x)
+
+    ours_grads, ref_grads = grads(ours, x.astype(jnp.bfloat16)), grads(flax_ref, x)
+    assert ours_grads[1].dtype == jnp.bfloat16  # the input gradient, in the compute dtype
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(ours_grads[0]))  # params: f32
+    for ours_grad, ref_grad in zip(jax.tree.leaves(ours_grads), jax.tree.leaves(ref_grads)):
+        ours_grad, ref_grad = np.asarray(ours_grad, np.float32), np.asarray(ref_grad)
+        # bf16 keeps 8 bits of mantissa: sums of hundreds of terms agree to about 2%.
+        assert np.abs(ours_grad - ref_grad).max() <= 0.03 * np.abs(ref_grad).max()
+
+
+def test_conv_transpose_refuses_a_kernel_narrower_than_its_stride():
+    with pytest.raises(ValueError, match="a 1x1 kernel leaves gaps at stride 2"):
+        ConvTranspose(4, kernel_size=1, strides=2).init(jax.random.key(0), jnp.ones((1, 7, 7, 3)))
 
 
 def test_dropout_keeps_its_rate_and_scales_the_kept_units():
@@ -187,3 +211,5 @@ def test_dropout_keeps_its_rate_and_scales_the_kept_units():
     other = dropout.apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(1)})
     assert not np.array_equal(np.asarray(other) != 0, kept)
     np.testing.assert_array_equal(dropout.apply({}, x, deterministic=True), x)
+    dropped = Dropout(1.0).apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(0)})
+    np.testing.assert_array_equal(dropped, np.zeros_like(x))
