@@ -235,12 +235,14 @@ class DeviceData:
         # Enough consecutive epochs to hold any call's batches from any offset in the first.
         span = 1 + -(-max(plan, default=1) * self._batch_size // self._n)
         position, orders_from, orders = start_step * self._batch_size, None, None
+        held: dict[int, jax.Array] = {}  # each epoch's order, computed once
         for k in plan:
             epoch, offset = divmod(position, self._n)
             if epoch != orders_from:
                 orders_from = epoch
-                orders = jnp.concatenate([epoch_order(self._key, e, self._n)
-                                          for e in range(epoch, epoch + span)])
+                held = {e: held[e] if e in held else epoch_order(self._key, e, self._n)
+                        for e in range(epoch, epoch + span)}
+                orders = jnp.concatenate(list(held.values()))
             yield self._gather[int(k > 1)](self._images, self._labels, orders, offset, k,
                                            self._batch_size)
             position += k * self._batch_size

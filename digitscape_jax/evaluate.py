@@ -178,12 +178,6 @@ def precision_recall_density(real: np.ndarray, fake: np.ndarray, k: int = K,
     return float(np.mean(counts > 0)), float(recall.mean()), float(counts.mean() / k)
 
 
-def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = K,
-                     real_radii_sq: np.ndarray | None = None) -> tuple[float, float]:
-    """Improved precision and recall (Kynkäänniemi et al. 2019) of feature sets (N, D), (M, D)."""
-    return precision_recall_density(real, fake, k, real_radii_sq)[:2]
-
-
 def _flat_pixels(images: np.ndarray | jax.Array) -> jax.Array:
     return jnp.asarray(images).reshape(len(images), -1).astype(jnp.float32) / 255.0
 

@@ -101,12 +101,12 @@ def test_precision_and_recall_of_known_feature_sets():
     real = rng.normal(size=(1000, 2))
     assert ev.precision_recall_density(real, real) == (1.0, 1.0, pytest.approx(4 / 3, abs=0.05))
     # (density: each point is also in its own ball, so (k + 1) / k)
-    assert ev.precision_recall(real, real + 100.0) == (0.0, 0.0)
+    assert ev.precision_recall_density(real, real + 100.0)[:2] == (0.0, 0.0)
     half = real[real[:, 0] < 0]  # half of the real manifold, exactly
-    precision, recall = ev.precision_recall(real, half)
+    precision, recall, _ = ev.precision_recall_density(real, half)
     assert precision == 1.0 and 0.4 < recall < 0.65
     collapsed = np.repeat(real[:1], 100, 0)  # one point: zero-radius balls
-    precision, recall = ev.precision_recall(real, collapsed)
+    precision, recall, _ = ev.precision_recall_density(real, collapsed)
     assert precision == 1.0 and recall == pytest.approx(1 / 1000)
 
 
