@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
+import jax
 import orbax.checkpoint as ocp
 from flax.training import train_state
 
@@ -52,6 +53,19 @@ def _silence_late_read_callbacks() -> None:
 
     hook.silences_closed_loop = True
     sys.unraisablehook = hook
+
+
+# Failures of the machine rather than of the data, by type and by tensorstore's status codes.
+MACHINE_FAILURES = (MemoryError, PermissionError, TimeoutError, ConnectionError,
+                    jax.errors.JaxRuntimeError)
+MACHINE_STATUSES = ("PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED")
+
+
+def _is_machine_failure(error: Exception) -> bool:
+    """Whether a failed read says nothing about the checkpoint: out of memory, no permission,
+    a filesystem that did not answer. Such a checkpoint must never be set aside as corrupt."""
+    return (isinstance(error, MACHINE_FAILURES)
+            or any(status in str(error) for status in MACHINE_STATUSES))
 
 
 class Checkpointer:
@@ -126,13 +140,22 @@ class Checkpointer:
         return moved
 
     def _restore(self, step: int, **items: ocp.args.CheckpointArgs) -> Any:
-        """Reads the named items of one step; any failure to read is the checkpoint's fault."""
+        """Reads the named items of one step.
+
+        A failure of the machine (memory, permissions, an unreachable or slow
+        filesystem) is an error that changes nothing; any other failure to read is
+        the checkpoint's fault, and `load` may then fall back to an older step.
+        """
         _silence_late_read_callbacks()
+        where = self.directory / str(step)
         try:
             return self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # orbax and tensorstore raise many types for unreadable data
             message = textwrap.shorten(str(e) or type(e).__name__, MAX_ERROR_CHARS)
-            raise CorruptCheckpoint(f"checkpoint {self.directory / str(step)} is unreadable: {message}") from None
+            if _is_machine_failure(e):
+                raise UserError(f"could not read checkpoint {where} ({message}); it was left as "
+                                "it is: fix the cause and rerun") from None
+            raise CorruptCheckpoint(f"checkpoint {where} is unreadable: {message}") from None
 
     def load_config(self, step: int) -> Config:
         return Config.from_json(self._restore(step, config=ocp.args.JsonRestore())["config"])

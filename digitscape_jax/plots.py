@@ -1,12 +1,19 @@
-"""Image grids of digits, written as exact 8-bit grayscale PNGs."""
+"""Image grids of digits, written as exact 8-bit grayscale PNGs, and the loss curves.
+
+Every file is written whole or not at all (`files.write_atomically`): a run killed while
+drawing leaves the previous picture, never a truncated one that the next run cannot read.
+"""
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from digitscape_jax.files import write_atomically
 
 GRID_PAD = 2  # Pixels between tiles.
 GRID_BACKGROUND = 128  # Mid-gray, so that the black edges of digits stay visible.
@@ -34,10 +41,9 @@ def image_grid(images: np.ndarray, rows: int, cols: int) -> np.ndarray:
 
 def save_image(path: str | Path, image: np.ndarray) -> Path:
     """Writes a uint8 (H, W) image as a grayscale PNG, creating the folder if needed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image, mode="L").save(path)
-    return path
+    buffer = io.BytesIO()
+    Image.fromarray(image, mode="L").save(buffer, format="PNG")
+    return write_atomically(path, buffer.getvalue())
 
 
 def save_grid(path: str | Path, images: np.ndarray, rows: int, cols: int) -> Path:
@@ -47,11 +53,11 @@ def save_grid(path: str | Path, images: np.ndarray, rows: int, cols: int) -> Pat
 
 def save_gif(path: str | Path, frames: list[np.ndarray], frame_ms: int = 400) -> Path:
     """Writes uint8 grayscale frames as a looping GIF."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     images = [Image.fromarray(frame, mode="L") for frame in frames]
-    images[0].save(path, save_all=True, append_images=images[1:], duration=frame_ms, loop=0)
-    return path
+    buffer = io.BytesIO()
+    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:],
+                   duration=frame_ms, loop=0)
+    return write_atomically(path, buffer.getvalue())
 
 
 LOSS_PANELS = (("loss", ("d_loss", "g_loss")), ("discriminator output", ("d_real", "d_fake")))
@@ -68,7 +74,6 @@ def plot_losses(records: list[dict], path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = Path(path)
     panels = LOSS_PANELS + (QUALITY_PANELS if any("fd" in r for r in records) else ())
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5),
                              constrained_layout=True)
@@ -80,6 +85,7 @@ def plot_losses(records: list[dict], path: str | Path) -> Path:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.savefig(path, dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
-    return path
+    return write_atomically(path, buffer.getvalue())

@@ -56,6 +56,16 @@ class RunPaths:
         return self.samples_dir / f"generated_images_{step}.png"
 
 
+def _read_frame(path: Path) -> np.ndarray | None:
+    """An earlier sample row for the GIF, or None where it is missing or unreadable (say, cut
+    short by a crash of an older version): the GIF is a view, and never stops training."""
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image)
+    except (OSError, ValueError):
+        return None
+
+
 class RunOutputs:
     """The pictures and logs of a run, written at its logging and sampling points only.
 
@@ -97,8 +107,8 @@ class RunOutputs:
         if self.tensorboard:
             self.tensorboard.image(step, "samples", row)
         earlier = range(self.config.sample_every, step, self.config.sample_every)
-        frames = [np.asarray(Image.open(self.paths.sample_row(s)))  # written by earlier runs too
-                  for s in earlier if self.paths.sample_row(s).exists()]
+        frames = [frame for s in earlier  # written by earlier runs too
+                  if (frame := _read_frame(self.paths.sample_row(s))) is not None]
         save_gif(self.paths.ckpt_dir / PROGRESS_GIF, [*frames, row])
         self.plot()
 

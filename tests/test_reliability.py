@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 
 import jax
+import orbax.checkpoint as ocp
 import pytest
 
-from conftest import REPO, TRAIN_FLAGS, run_script
+from conftest import REPO, TRAIN_FLAGS, gif_frames, run_script
 from digitscape_jax import cli
 from digitscape_jax.checkpointing import LOCK_FILE, Checkpointer, RunLock
 from digitscape_jax.config import Config
@@ -187,6 +188,40 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_newest_good_one(
     assert "resuming" in captured.out and "from step 20" in captured.out
     assert (workdir / "ckpt" / "30.corrupt").is_dir()  # kept for inspection, not deleted
     assert Checkpointer(workdir / "ckpt").all_steps() == [10, 20, 40]
+
+
+@pytest.mark.parametrize("failure", [MemoryError(), ValueError("UNAVAILABLE: read timed out")])
+def test_a_machine_failure_while_reading_never_sets_a_checkpoint_aside(
+        trained_run, tmp_path, capsys, monkeypatch, failure):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(trained_run[0] / "ckpt", ckpt)
+    restore = ocp.CheckpointManager.restore
+
+    def failing_restore(manager, step, *args, **kwargs):
+        if step == 30:
+            raise failure
+        return restore(manager, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", failing_restore)
+    assert cli.run(train.main, [*TRAIN_FLAGS[:2], "--steps", "40", "--ckpt-dir", str(ckpt)]) == 1
+    err = capsys.readouterr().err
+    assert "warning" not in err and err.count("\n") == 1
+    assert err.startswith(f"error: could not read checkpoint {ckpt / '30'} (")
+    assert Checkpointer(ckpt).all_steps() == [10, 20, 30]
+    assert sorted(p.name for p in ckpt.iterdir() if p.name[0].isdigit()) == ["10", "20", "30"]
+
+
+def test_a_sample_row_cut_short_by_a_crash_does_not_stop_the_resumed_run(trained_run, tmp_path):
+    workdir = tmp_path
+    shutil.copytree(trained_run[0] / "ckpt", workdir / "ckpt")
+    shutil.copytree(trained_run[0] / "generated_images", workdir / "gen")
+    cut = workdir / "gen" / "generated_images_20.png"
+    cut.write_bytes(cut.read_bytes()[:40])
+    assert cli.run(train.main, [*TRAIN_FLAGS, "--steps", "40", "--ckpt-dir", str(workdir / "ckpt"),
+                                "--data-dir", str(trained_run[0] / "tfds"),
+                                "--samples-dir", str(workdir / "gen")]) == 0
+    assert len(gif_frames(workdir / "ckpt" / "progress.gif")) == 3  # rows 10, 30, 40
+    assert not list(workdir.rglob("*.partial"))
 
 
 def test_all_checkpoints_corrupt_is_an_error_not_a_fresh_start(trained_run, tmp_path, capsys):
