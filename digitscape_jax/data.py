@@ -150,6 +150,17 @@ def load_split(split: str, data_dir: str | None = None) -> tuple[np.ndarray, np.
 UNIT_RANGE = np.arange(256, dtype=np.float32) / np.float32(127.5) - np.float32(1.0)
 
 
+# The run's other random streams (init, steps, samples, eval) are split(key(seed), 4), which
+# equals fold_in(key(seed), i) for i < 4; folding in this constant keeps the data order's keys
+# apart from theirs.
+DATA_ORDER_STREAM = 0x64617461  # "data"
+
+
+def order_key(seed: int) -> jax.Array:
+    """The root key of the data order: a stream of the seed that no other use of it shares."""
+    return jax.random.fold_in(jax.random.key(seed), DATA_ORDER_STREAM)
+
+
 @functools.partial(jax.jit, static_argnums=2)
 def epoch_order(key: jax.Array, epoch: jax.Array, n: int) -> jax.Array:
     """The order in which epoch `epoch` visits the n training images: a permutation keyed by
@@ -181,7 +192,7 @@ def train_batches(
     check_batch_size(batch_size, n)
     first = start_step * batch_size
     pixels, classes = tf.constant(images), tf.constant(labels, tf.int32)
-    key = jax.random.key(seed)
+    key = order_key(seed)
 
     def order(epoch: tf.Tensor) -> tf.Tensor:
         indices = tf.numpy_function(lambda e: np.asarray(epoch_order(key, e, n), np.int32),
@@ -221,7 +232,7 @@ class DeviceData:
         replicated = parallel.replicated(mesh)
         self._images = jax.make_array_from_process_local_data(replicated, images)
         self._labels = jax.make_array_from_process_local_data(replicated, labels.astype(np.int32))
-        self._key = jax.jit(lambda: jax.random.key(seed), out_shardings=replicated)()
+        self._key = jax.jit(lambda: order_key(seed), out_shardings=replicated)()
         self._batch_size = batch_size
         self._gather = {  # one per stacking: a call of one step, or of several
             axis: jax.jit(_gather, static_argnums=(4, 5), out_shardings=(

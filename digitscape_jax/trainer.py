@@ -235,6 +235,7 @@ def _train(config: Config, paths: RunPaths, stream: TextIO, warn: Callable[[str]
             data.prepare_mnist(paths.data_dir, paths.mnist_idx)
         parallel.sync(f"mnist prepared by the {turn}")
     images, labels = data.load_split("train", paths.data_dir)
+    # data.order_key keeps the data order apart from these four streams.
     init_key, step_key, sample_key, eval_key = jax.random.split(jax.random.key(config.seed), 4)
     evaluator = None
     if config.eval_every and parallel.is_primary():  # The primary process measures and logs.

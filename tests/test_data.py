@@ -11,7 +11,7 @@ import tensorflow_datasets as tfds
 
 from conftest import write_idx
 from digitscape_jax import data
-from digitscape_jax.data import DeviceData, epoch_order, stack_batches, train_batches
+from digitscape_jax.data import DeviceData, epoch_order, order_key, stack_batches, train_batches
 from digitscape_jax.errors import UserError
 from digitscape_jax.parallel import data_parallel_mesh
 
@@ -161,3 +161,15 @@ def test_epoch_order_is_a_permutation_keyed_by_epoch():
     np.testing.assert_array_equal(np.sort(first), np.arange(1000))
     assert not np.array_equal(first, second)
     np.testing.assert_array_equal(first, np.asarray(epoch_order(jax.random.key(3), 0, 1000)))
+
+
+def test_the_data_order_shares_no_key_with_the_runs_other_streams():
+    def raw(key: jax.Array) -> tuple[int, ...]:
+        return tuple(np.asarray(jax.random.key_data(key)).tolist())
+
+    seed = 5
+    streams = jax.random.split(jax.random.key(seed), 4)  # the trainer's init, step, sample, eval
+    others = {raw(k) for k in streams} | {raw(jax.random.fold_in(k, i)) for k in streams
+                                          for i in range(16)}  # and their per-step keys
+    epochs = {raw(jax.random.fold_in(order_key(seed), epoch)) for epoch in range(16)}
+    assert len(epochs) == 16 and not epochs & others
