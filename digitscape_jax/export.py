@@ -17,7 +17,7 @@ from flax import serialization
 
 from digitscape_jax.config import Config
 from digitscape_jax.errors import UserError
-from digitscape_jax.files import write_atomically
+from digitscape_jax.files import replace_directory, write_atomically
 from digitscape_jax.models import networks
 from digitscape_jax.steps import abstract_states
 
@@ -85,6 +85,12 @@ def save_savedmodel(directory: str | Path, config: Config, variables: Any) -> Pa
         polymorphic_shapes=shapes, with_gradient=False)
     module = tf.Module()
     module.generate = tf.function(generate, autograph=False, input_signature=signature)
-    tf.saved_model.save(module, str(directory),
-                        signatures={"serving_default": module.generate})
-    return Path(directory)
+
+    def write(partial: Path) -> None:
+        try:
+            tf.saved_model.save(module, str(partial),
+                                signatures={"serving_default": module.generate})
+        except tf.errors.OpError as e:  # TensorFlow's own file errors, not OSError
+            raise UserError(f"cannot write the SavedModel to {directory}: {e.message}") from None
+
+    return replace_directory(directory, write)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -17,4 +19,23 @@ def write_atomically(path: str | Path, data: bytes) -> Path:
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
+    return path
+
+
+def replace_directory(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Builds a directory with `write(temporary)` and renames it to `path`: a crash leaves the
+    old directory or the new one. An earlier directory at `path` is replaced."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial, old = (path.with_name(path.name + suffix) for suffix in (".partial", ".old"))
+    for leftover in (partial, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    try:
+        write(partial)
+        if path.is_dir():
+            os.replace(path, old)
+        os.replace(partial, path)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     return path

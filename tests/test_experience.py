@@ -174,8 +174,12 @@ def test_savedmodel_matches_the_jax_generator(trained_run, tmp_path):
     import tensorflow as tf
 
     ckpt = trained_run[0] / "ckpt"
+    (tmp_path / "sm").mkdir()
+    (tmp_path / "sm" / "stale.txt").write_text("an earlier export, replaced whole")
     assert cli.run(sample.main, ["--ckpt", str(ckpt), "--export-savedmodel",
                                  str(tmp_path / "sm")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sm"]  # no partial or old copy left
+    assert not (tmp_path / "sm" / "stale.txt").exists()
     config, variables, _ = load_generator(ckpt)
     loaded = tf.saved_model.load(str(tmp_path / "sm"))
     for n in (1, 7):  # any batch size
@@ -185,3 +189,21 @@ def test_savedmodel_matches_the_jax_generator(trained_run, tmp_path):
         (got,) = got.values()
         assert got.shape == (n, 28, 28, 1)
         np.testing.assert_allclose(got.numpy(), expected, atol=1e-5)
+
+
+def test_a_savedmodel_that_cannot_be_written_is_a_one_line_error_that_keeps_the_old_one(
+        trained_run, tmp_path, capsys, monkeypatch):
+    import tensorflow as tf
+
+    def refuse(*args, **kwargs):
+        raise tf.errors.PermissionDeniedError(None, None, "write denied")
+
+    monkeypatch.setattr(tf.saved_model, "save", refuse)
+    (tmp_path / "sm").mkdir()
+    (tmp_path / "sm" / "saved_model.pb").write_bytes(b"the earlier export")
+    assert cli.run(sample.main, ["--ckpt", str(trained_run[0] / "ckpt"), "--export-savedmodel",
+                                 str(tmp_path / "sm")]) == 1
+    assert capsys.readouterr().err == (
+        f"error: cannot write the SavedModel to {tmp_path / 'sm'}: write denied\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sm"]
+    assert (tmp_path / "sm" / "saved_model.pb").read_bytes() == b"the earlier export"
