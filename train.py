@@ -108,14 +108,14 @@ def parse_args(argv: Sequence[str] | None = None):
 
 
 def config_from_args(args, default_dtype: str = "float32") -> Config:
-    """The run's Config from parsed flags; the arch decides the default batch size."""
+    """The run's Config from parsed flags; unset --batch-size, --lr and --beta1 are the arch's."""
     return Config(
         arch=args.arch,
         latent_dim=args.latent_dim,
         conditional=args.conditional,
-        batch_size=args.batch_size or ARCHS[args.arch].batch_size,
-        learning_rate=args.lr or ARCHS[args.arch].learning_rate,
-        beta1=ARCHS[args.arch].beta1 if args.beta1 is None else args.beta1,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        beta1=args.beta1,
         beta2=args.beta2,
         seed=args.seed,
         dtype=args.dtype or default_dtype,

@@ -63,14 +63,19 @@ MIN_EVAL_SAMPLES = 100  # Fewer digits give FDs dominated by their small-sample 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Everything that defines a training run."""
+    """Everything that defines a training run.
+
+    `batch_size`, `learning_rate` and `beta1` left as None take the arch's values
+    (`ArchSpec`), so `Config(arch="seed")` is the original's run; after construction
+    they always hold numbers.
+    """
 
     arch: str = DEFAULT_ARCH
     latent_dim: int = 100
     conditional: bool = False
-    batch_size: int = ARCHS[DEFAULT_ARCH].batch_size
-    learning_rate: float = ARCHS[DEFAULT_ARCH].learning_rate
-    beta1: float = ARCHS[DEFAULT_ARCH].beta1
+    batch_size: int | None = None
+    learning_rate: float | None = None
+    beta1: float | None = None
     beta2: float = 0.999
     seed: int = 0
     dtype: str = "float32"
@@ -87,6 +92,9 @@ class Config:
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise UserError(f"unknown arch {self.arch!r}; choose one of {sorted(ARCHS)}")
+        for name in ("batch_size", "learning_rate", "beta1"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, getattr(self.spec, name))
         for name in ("latent_dim", "batch_size", "steps", "log_every", "sample_every", "ckpt_every",
                      "steps_per_call"):
             if getattr(self, name) <= 0:
@@ -121,9 +129,9 @@ class Config:
         unknown = sorted(set(data) - set(fields))
         if unknown:
             raise UserError(f"config has unknown field(s): {', '.join(unknown)}")
-        values = {}
+        values, defaults = {}, cls()
         for name, value in data.items():
-            expected = type(getattr(cls, name))
+            expected = type(getattr(defaults, name))
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
             if type(value) is not expected:

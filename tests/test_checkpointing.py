@@ -44,6 +44,17 @@ def test_only_the_last_three_are_kept(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["2", "3", "4"]
 
 
+def test_a_config_takes_its_archs_batch_size_and_adam_unless_given():
+    seed, dcgan = Config(arch="seed"), Config()
+    assert (seed.batch_size, seed.learning_rate, seed.beta1) == (64, 1e-4, 0.9)  # the original's
+    assert (dcgan.arch, dcgan.batch_size, dcgan.learning_rate, dcgan.beta1) == ("dcgan", 256, 2e-4, 0.5)
+    given = Config(arch="seed", batch_size=8, learning_rate=3e-4, beta1=0.0)
+    assert (given.batch_size, given.learning_rate, given.beta1) == (8, 3e-4, 0.0)
+    assert Config.from_json(seed.to_json()) == seed
+    with pytest.raises(UserError, match="'beta1' must be float, got null"):
+        Config.from_json({**seed.to_json(), "beta1": None})
+
+
 def test_config_json_round_trip_and_validation():
     config = Config(arch="seed", batch_size=32, learning_rate=2e-4, beta1=0.5)
     assert Config.from_json(config.to_json()) == config

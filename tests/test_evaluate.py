@@ -40,7 +40,7 @@ def held_out(mnist):
 
 @pytest.fixture(scope="session")
 def ranked(mnist, evaluator, held_out):
-    """The cheap metrics of real, one-class and noise digits, 2,000 of each."""
+    """The metrics but memorization of real, one-class and noise digits, 2,000 of each."""
     (train, train_labels), _ = mnist
     rng = np.random.default_rng(1)
     sets = {
@@ -48,7 +48,7 @@ def ranked(mnist, evaluator, held_out):
         "one class": train[rng.choice(np.flatnonzero(train_labels == 1), REFERENCE_N)],
         "noise": rng.integers(0, 256, (REFERENCE_N, 28, 28), dtype=np.uint8),
     }
-    return {name: evaluator.evaluate(images, metrics=ev.CHEAP) for name, images in sets.items()}
+    return {name: evaluator.evaluate(images, metrics=("fd", "inception_score", "classes", "precision_recall")) for name, images in sets.items()}
 
 
 def test_committed_classifier_is_over_99_percent_accurate(mnist):
@@ -233,6 +233,21 @@ def test_train_classifier_writes_loadable_weights(capsys, tmp_path, small_idx):
     again = classifier.train(*data.read_idx_split(idx_dir, "train"), epochs=1, log=lambda _: None)
     for a, b in zip(*(jax.tree_util.tree_leaves(tree) for tree in (again, params))):
         np.testing.assert_array_equal(a, b)  # deterministic from the seed
+
+
+def test_a_classifier_below_99_percent_never_replaces_the_shipped_one(capsys, tmp_path, small_idx,
+                                                                     monkeypatch):
+    shipped = tmp_path / "shipped.msgpack"  # a stand-in, so that a failure harms no real file
+    weights = classifier.WEIGHTS.read_bytes()
+    shipped.write_bytes(weights)
+    monkeypatch.setattr(classifier, "WEIGHTS", shipped)
+    argv = ["--train-classifier", "--epochs", "1", "--mnist-idx", str(small_idx[0])]
+    assert cli.run(ev.main, argv) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("error: the retrained classifier's test accuracy ") and error.count("\n") == 1
+    assert "shipped weights were kept; pass --classifier FILE" in error
+    assert shipped.read_bytes() == weights
+    assert not shipped.with_suffix(".json").exists()
 
 
 def test_cli_draws_and_evaluates_digits_from_a_generator(capsys, tmp_path, small_mnist_idx):
