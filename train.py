@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from digitscape_jax import cli, xla_flags
-from digitscape_jax.config import ARCHS, COMPUTE_DTYPES, DEFAULT_ARCH, Config
+from digitscape_jax.config import ARCHS, COMPUTE_DTYPES, DEFAULT_ARCH, MIN_EVAL_SAMPLES, Config
 
 
 def parse_args(argv: Sequence[str] | None = None):
@@ -57,7 +57,8 @@ def parse_args(argv: Sequence[str] | None = None):
                    help="steps between measurements of sample quality (FD and IS against the "
                         "MNIST test set, and label accuracy for --conditional), logged and shown "
                         "with the losses; 0 turns them off")
-    p.add_argument("--eval-samples", type=cli.positive_int, default=defaults.eval_samples,
+    p.add_argument("--eval-samples", type=cli.at_least(MIN_EVAL_SAMPLES),
+                   default=defaults.eval_samples,
                    help="digits drawn for each measurement (FD is biased upwards for few; "
                         "compare FDs of equal counts)")
     p.add_argument("--mnist-idx", default=None, metavar="DIR",

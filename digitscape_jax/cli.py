@@ -55,6 +55,11 @@ non_negative_int = _checked(int, lambda v: v >= 0, "an integer >= 0", ">= 0")
 positive_float = _checked(float, lambda v: 0.0 < v < float("inf"), "a positive number",
                           "positive and finite")
 unit_interval = _checked(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)", "in [0, 1)")
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse `type`: an integer of at least `minimum`."""
+    return _checked(int, lambda v: v >= minimum, "an integer", f">= {minimum}")
+
+
 # A random seed: what JAX and TensorFlow accept.
 seed = _checked(int, lambda v: 0 <= v < MAX_SEED, "an integer >= 0", "in [0, 2**32)")
 

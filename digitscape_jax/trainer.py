@@ -213,8 +213,6 @@ def _resume(config: Config, ckpt: Checkpointer, abstract: Any, warn: Callable[[s
     if changed:
         warn(f"warning: resuming step {step} with changed settings ({', '.join(changed)}); "
              "the result will differ from an uninterrupted run")
-    for moved in ckpt.set_aside_after(step):
-        warn(f"warning: set the unreadable checkpoint aside as {moved}")
     return step, states
 
 
@@ -229,6 +227,8 @@ def _train(config: Config, paths: RunPaths, stream: TextIO, warn: Callable[[str]
         print(f"{paths.ckpt_dir} is already at step {start} >= --steps {config.steps}: "
               "nothing to do", file=stream)
         return start
+    for moved in ckpt.set_aside_after(start):  # Unreadable newer steps, out of the way of saves.
+        warn(f"warning: set the unreadable checkpoint aside as {moved}")
 
     for turn in ("primary", "others"):  # One at a time: processes may share a data dir.
         if parallel.is_primary() == (turn == "primary"):

@@ -224,6 +224,17 @@ def test_a_sample_row_cut_short_by_a_crash_does_not_stop_the_resumed_run(trained
     assert not list(workdir.rglob("*.partial"))
 
 
+def test_a_run_with_nothing_to_do_moves_no_checkpoint(trained_run, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(trained_run[0] / "ckpt", ckpt)
+    damage(ckpt / "30", "delete")
+    assert cli.run(train.main, [*TRAIN_FLAGS, "--steps", "20", "--ckpt-dir", str(ckpt)]) == 0
+    captured = capsys.readouterr()
+    assert "/30 is unreadable" in captured.err and "set" not in captured.err
+    assert "is already at step 20 >= --steps 20: nothing to do" in captured.out
+    assert sorted(p.name for p in ckpt.iterdir() if p.name[0].isdigit()) == ["10", "20", "30"]
+
+
 def test_all_checkpoints_corrupt_is_an_error_not_a_fresh_start(trained_run, tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(trained_run[0] / "ckpt", ckpt)
