@@ -259,10 +259,14 @@ class Evaluator:
         self._nearest: NearestTrain | None = None
         self._threshold: float | None = None
 
+    def reference_indices(self, n: int) -> np.ndarray:
+        """Which min(n, all) test digits are the precision/recall reference of n samples."""
+        return np.sort(self._order[:n])
+
     def reference(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """min(n, all) test digits' features and squared k-NN radii, cached by size."""
         n = min(n, len(self.test_features))
-        features = self.test_features[np.sort(self._order[:n])]
+        features = self.test_features[self.reference_indices(n)]
         if n not in self._radii:
             self._radii[n] = knn_radii(features, self.k)
         return features, self._radii[n]
@@ -395,7 +399,8 @@ def calibration_sets(evaluator: Evaluator, train_labels: np.ndarray, n: int,
     train_subset = train[rng.permutation(len(train))[:n]]
     ones = np.flatnonzero(train_labels == 1)
     return {
-        "real test digits (the reference itself)": evaluator.test_images[:n],
+        "real test digits (the reference itself)":
+            evaluator.test_images[evaluator.reference_indices(n)],
         "real train digits": train_subset,
         f"blurred train digits (Gaussian, sigma {BLUR_SIGMA})": gaussian_blur(train_subset),
         "one class: train 1s, drawn with replacement": train[rng.choice(ones, n)],

@@ -217,6 +217,8 @@ def test_cli_calibration_separates_real_digits_from_bad_ones(capsys, tmp_path, s
     assert max(fd[:2]) < min(fd[2:])  # real digits (test, train), then blurred, one class, noise
     real = results["real train digits"]
     assert real["memorization_rate"] == 1.0  # they are the training digits
+    reference = results["real test digits (the reference itself)"]  # 300 of the 1,000
+    assert reference["precision"] == reference["recall"] == 1.0
 
 
 def test_train_classifier_writes_loadable_weights(capsys, tmp_path, small_idx):
