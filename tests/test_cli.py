@@ -165,8 +165,12 @@ def test_sample_rejects_bad_ckpt(capsys, tmp_path, trained_run, case):
         target, flags = trained_run[0] / "ckpt", ["--step", "15"]
     assert cli.run(sample.main, ["--ckpt", str(target), "--out", str(tmp_path / "s.png"),
                                  *flags]) == 1
-    message = one_line_error(capsys)
-    assert message.startswith("error: ") and str(target.name) in message
+    reason = {"missing": f"checkpoint directory {target} does not exist",
+              "empty": f"{target} holds no checkpoint",
+              "not_a_checkpoint": f"{target} holds no checkpoint",
+              "a_file": f"{target} is not a generator export: ",  # read as an exported G
+              "bad_step": f"{target} has no checkpoint at step 15; it has [10, 20, 30]"}[case]
+    assert one_line_error(capsys).startswith(f"error: {reason}")
     assert not (tmp_path / "s.png").exists()
 
 

@@ -25,7 +25,7 @@ def assert_trees_equal(a, b):
 
 def state_trees(g_state, d_state):
     return (g_state.step, g_state.params, g_state.opt_state, g_state.batch_stats,
-            d_state.step, d_state.params, d_state.opt_state)
+            g_state.ema_params, d_state.step, d_state.params, d_state.opt_state)
 
 
 def test_train_step_is_pure_and_deterministic(real_batch):
