@@ -23,8 +23,9 @@ def write_atomically(path: str | Path, data: bytes) -> Path:
 
 
 def replace_directory(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Builds a directory with `write(temporary)` and renames it to `path`: a crash leaves the
-    old directory or the new one. An earlier directory at `path` is replaced."""
+    """Builds a directory with `write(temporary)` and renames it to `path`, replacing an earlier
+    one: a crash never leaves a half-written directory at `path` (at worst, between the two
+    renames, the earlier one waits beside it as `<path>.old`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial, old = (path.with_name(path.name + suffix) for suffix in (".partial", ".old"))
