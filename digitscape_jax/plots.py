@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -39,11 +40,16 @@ def image_grid(images: np.ndarray, rows: int, cols: int) -> np.ndarray:
     return grid
 
 
+def _write_encoded(path: str | Path, encode: Callable[[io.BytesIO], None]) -> Path:
+    """Encodes a picture into memory with `encode`, then writes it to `path` atomically."""
+    buffer = io.BytesIO()
+    encode(buffer)
+    return write_atomically(path, buffer.getvalue())
+
+
 def save_image(path: str | Path, image: np.ndarray) -> Path:
     """Writes a uint8 (H, W) image as a grayscale PNG, creating the folder if needed."""
-    buffer = io.BytesIO()
-    Image.fromarray(image, mode="L").save(buffer, format="PNG")
-    return write_atomically(path, buffer.getvalue())
+    return _write_encoded(path, lambda out: Image.fromarray(image, mode="L").save(out, format="PNG"))
 
 
 def save_grid(path: str | Path, images: np.ndarray, rows: int, cols: int) -> Path:
@@ -54,10 +60,8 @@ def save_grid(path: str | Path, images: np.ndarray, rows: int, cols: int) -> Pat
 def save_gif(path: str | Path, frames: list[np.ndarray], frame_ms: int = 400) -> Path:
     """Writes uint8 grayscale frames as a looping GIF."""
     images = [Image.fromarray(frame, mode="L") for frame in frames]
-    buffer = io.BytesIO()
-    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:],
-                   duration=frame_ms, loop=0)
-    return write_atomically(path, buffer.getvalue())
+    return _write_encoded(path, lambda out: images[0].save(
+        out, format="GIF", save_all=True, append_images=images[1:], duration=frame_ms, loop=0))
 
 
 LOSS_PANELS = (("loss", ("d_loss", "g_loss")), ("discriminator output", ("d_real", "d_fake")))
@@ -85,7 +89,7 @@ def plot_losses(records: list[dict], path: str | Path) -> Path:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return write_atomically(path, buffer.getvalue())
+    try:
+        return _write_encoded(path, lambda out: fig.savefig(out, format="png", dpi=100))
+    finally:
+        plt.close(fig)
