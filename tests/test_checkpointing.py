@@ -76,4 +76,6 @@ def test_config_json_round_trip_and_validation():
 def test_resume_check_names_both_values():
     with pytest.raises(UserError, match="latent_dim=100 but this run asks for latent_dim=64"):
         Config(latent_dim=64).check_resumable_with(Config(latent_dim=100))
+    with pytest.raises(UserError, match="conditional=False but this run asks for conditional=True"):
+        Config(conditional=True).check_resumable_with(Config())
     Config(steps=5, learning_rate=1e-3).check_resumable_with(Config())  # not a model field
