@@ -53,10 +53,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from digitscape_jax import cli  # noqa: E402  (sets our XLA flags, inherited by the workers)
-from digitscape_jax.config import ARCHS, ArchSpec, Config  # noqa: E402
+from digitscape_jax import cli  # (sets our XLA flags, inherited by the workers)
+from digitscape_jax.config import ARCHS, ArchSpec, Config
 
 if TYPE_CHECKING:
     import keras
@@ -64,8 +63,8 @@ if TYPE_CHECKING:
 
 FRAMEWORKS = ("jax", "tf", "torch")
 
-# The settings of digitscape_jax.models and .steps, repeated here so that the tf and torch
-# workers need not import JAX (which would count in their memory).
+# The settings of digitscape_jax.models (and its .layers) and .steps, repeated here so that
+# the tf and torch workers need not import JAX (which would count in their memory).
 CONFIG = Config()
 LATENT_DIM = CONFIG.latent_dim
 LEAKY_SLOPE = 0.3

@@ -26,10 +26,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from digitscape_jax import cli  # noqa: E402
-from digitscape_jax.config import ARCHS  # noqa: E402
+from digitscape_jax import cli
+from digitscape_jax.config import ARCHS
 
 VARIANTS = {
     "plain (tf.data stream)": [],

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from digitscape_jax.config import MAX_SEED
+from digitscape_jax.config import NON_NEGATIVE, POSITIVE, SEED, Bound
 from digitscape_jax.errors import UserError
 
 T = TypeVar("T")
@@ -34,34 +34,32 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see --help)\n")
 
 
-def _checked(parse: Callable[[str], T], within: Callable[[T], bool], expected: str,
-             bound: str) -> Callable[[str], T]:
-    """An argparse `type`: `parse` the text, then require `within(value)`."""
+def parse_number(parse: Callable[[str], T], bound: Bound | None = None, *,
+                 check: bool = True) -> Callable[[str], T]:
+    """An argparse `type`: `parse` the text (int or float), then require `bound` where `check`.
 
-    def check(text: str) -> T:
+    Config's flags pass check=False: Config checks their bounds itself, once, and
+    train.py reports its error against the flag; the bound still names what a
+    valid value looks like when the text is no number at all.
+    """
+    kind = "an integer" if parse is int else "a number"
+
+    def convert(text: str) -> T:
         try:
             value = parse(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        if not within(value):
-            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+            raise argparse.ArgumentTypeError(
+                f"expected {bound and bound.noun or kind}, got {text!r}") from None
+        if check and bound is not None and (reason := bound.error(value)):
+            raise argparse.ArgumentTypeError(reason)
         return value
 
-    return check
+    return convert
 
 
-positive_int = _checked(int, lambda v: v > 0, "a positive integer", "positive")
-non_negative_int = _checked(int, lambda v: v >= 0, "an integer >= 0", ">= 0")
-positive_float = _checked(float, lambda v: 0.0 < v < float("inf"), "a positive number",
-                          "positive and finite")
-unit_interval = _checked(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)", "in [0, 1)")
-def at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse `type`: an integer of at least `minimum`."""
-    return _checked(int, lambda v: v >= minimum, "an integer", f">= {minimum}")
-
-
-# A random seed: what JAX and TensorFlow accept.
-seed = _checked(int, lambda v: 0 <= v < MAX_SEED, "an integer >= 0", "in [0, 2**32)")
+positive_int = parse_number(int, POSITIVE)
+non_negative_int = parse_number(int, NON_NEGATIVE)
+seed = parse_number(int, SEED)  # A random seed: what JAX and TensorFlow accept.
 
 
 def run(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> int:

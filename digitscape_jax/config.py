@@ -1,13 +1,19 @@
 """The one configuration object of a run, and the architectures it can name.
 
-The config is saved as JSON inside every checkpoint, so that `sample.py --ckpt`
-rebuilds the exact generator from the checkpoint directory alone.
+Each field of `Config` declares its help, bounds and choices once (`setting`):
+train.py builds its flags from them, and `Config` checks the bounds, so adding a
+hyperparameter is one edit here plus where it is used. The config is saved as
+JSON inside every checkpoint, so that `sample.py --ckpt` rebuilds the exact
+generator from the checkpoint directory alone.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import typing
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 from digitscape_jax.errors import UserError
@@ -42,23 +48,72 @@ ARCHS: dict[str, ArchSpec] = {
     "seed": ArchSpec(8, (8, 16), (16, 32), noise="uniform", batch_size=64, learning_rate=1e-4,
                      beta1=0.9),
     # The same network at the widths of the TensorFlow DCGAN tutorial, with the DCGAN
-    # paper's Adam: it learned far faster than 1e-4 / 0.9 here (README, Quality).
+    # paper's Adam: it learned far faster than 1e-4 / 0.9 here (docs/quality.md).
     "dcgan": ArchSpec(256, (128, 64), (64, 128), noise="normal", batch_size=256,
                       learning_rate=2e-4, beta1=0.5),
 }
 
 DEFAULT_ARCH = "dcgan"
 
-MAX_SEED = 2**32  # A JAX key (without 64-bit mode) holds 32 bits of seed: more would collide.
-
-# Fields that define the networks' shapes: a checkpoint can only be resumed or
-# sampled with the values it was written with.
-MODEL_FIELDS = ("arch", "latent_dim", "conditional")
-# Fields that only say how long to train, how often to report and where the batches are
-# gathered: free to change on resume.
-RUN_LENGTH_FIELDS = ("steps", "log_every", "sample_every", "ckpt_every", "eval_every",
-                     "eval_samples", "data_on_device")
+MAX_SEED = 2**32
 MIN_EVAL_SAMPLES = 100  # Fewer digits give FDs dominated by their small-sample bias.
+
+
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    """A range of allowed values: `holds(value)`, said as `says` ("positive", ...).
+
+    `noun` names a valid value for parse errors ("a positive integer"), where an
+    adjective alone would not read well.
+    """
+
+    holds: Callable[[Any], bool]
+    says: str
+    noun: str | None = None
+
+    def error(self, value: Any) -> str | None:
+        """The reason `value` is out of bounds, or None where it is within them."""
+        return None if self.holds(value) else f"must be {self.says}, got {value}"
+
+
+POSITIVE = Bound(lambda v: v > 0, "positive", "a positive integer")
+NON_NEGATIVE = Bound(lambda v: v >= 0, ">= 0", "an integer >= 0")
+POSITIVE_FINITE = Bound(lambda v: 0.0 < v < math.inf, "positive and finite", "a positive number")
+UNIT_INTERVAL = Bound(lambda v: 0.0 <= v < 1.0, "in [0, 1)", "a number in [0, 1)")
+# A JAX key (without 64-bit mode) holds 32 bits of seed: more would collide.
+SEED = Bound(lambda v: 0 <= v < MAX_SEED, "in [0, 2**32)", "an integer >= 0")
+
+
+def at_least(minimum: int) -> Bound:
+    return Bound(lambda v: v >= minimum, f">= {minimum}")
+
+
+# What a field is to a checkpoint: "model" fields fix the networks' shapes (a checkpoint is
+# only resumed or sampled with the values it was written with); "schedule" fields only say how
+# long to train, how often to report and where batches are gathered (free to change on
+# resume); "recipe" fields change the result (allowed on resume, with a warning).
+Role = Literal["model", "recipe", "schedule"]
+
+
+def setting(default: Any, help: str, *, bound: Bound | None = None,
+            choices: Callable[[], list[str]] | None = None, role: Role = "recipe",
+            flag: str | None = None) -> Any:
+    """A Config field with its help, bounds or choices, role and flag name (default: the
+    field's name with dashes), declared once for the flags, the checks and the docs."""
+    return dataclasses.field(default=default, metadata={
+        "help": help, "bound": bound, "choices": choices, "role": role, "flag": flag})
+
+
+def _arch_defaults(name: str) -> str:
+    return ", ".join(f"{arch} {getattr(spec, name):g}" for arch, spec in ARCHS.items())
+
+
+class ConfigError(UserError):
+    """A field out of its bounds or choices; the CLI reports it against the field's flag."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field} {reason}")
+        self.field, self.reason = field, reason
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,52 +125,74 @@ class Config:
     they always hold numbers.
     """
 
-    arch: str = DEFAULT_ARCH
-    latent_dim: int = 100
-    conditional: bool = False
-    batch_size: int | None = None
-    learning_rate: float | None = None
-    beta1: float | None = None
-    beta2: float = 0.999
-    seed: int = 0
-    dtype: str = "float32"
-    ema_decay: float = 0.999
-    steps_per_call: int = 1
-    data_on_device: bool = False
-    steps: int = 20_000
-    log_every: int = 100
-    sample_every: int = 1_000
-    ckpt_every: int = 1_000
-    eval_every: int = 2_000
-    eval_samples: int = 2_000
+    steps: int = setting(20_000, "total number of updates (of both G and D) to train to",
+                         bound=POSITIVE, role="schedule")
+    arch: str = setting(DEFAULT_ARCH, "'seed': the original Keras model (widths 8/8/16, D 16/32, "
+                        "U[0,1) noise); 'dcgan': the TensorFlow tutorial widths (256/128/64, "
+                        "D 64/128, N(0,1) noise)", choices=lambda: sorted(ARCHS), role="model")
+    conditional: bool = setting(False, "train on the labels too, so that `sample.py --digit 7` "
+                                "draws 7s: G embeds the label beside the noise, D projects it "
+                                "onto its features", role="model")
+    batch_size: int | None = setting(None, "images per update; default: the arch's "
+                                     f"({_arch_defaults('batch_size')})", bound=POSITIVE)
+    learning_rate: float | None = setting(None, "Adam learning rate of both G and D; default: "
+                                          f"the arch's ({_arch_defaults('learning_rate')})",
+                                          bound=POSITIVE_FINITE, flag="lr")
+    beta1: float | None = setting(None, "Adam beta1; default: the arch's "
+                                  f"({_arch_defaults('beta1')})", bound=UNIT_INTERVAL)
+    beta2: float = setting(0.999, "Adam beta2", bound=UNIT_INTERVAL)
+    ema_decay: float = setting(0.999, "decay of the moving average of G's weights that sampling "
+                               "uses (0: no averaging)", bound=UNIT_INTERVAL)
+    latent_dim: int = setting(100, "size of the generator's noise input", bound=POSITIVE,
+                              role="model")
+    seed: int = setting(0, "seed of the initialisation, the data order and every random draw",
+                        bound=SEED)
+    log_every: int = setting(100, "steps between progress lines and metrics.jsonl records",
+                             bound=POSITIVE, role="schedule")
+    sample_every: int = setting(1_000, "steps between sample rows; the last step always "
+                                "writes one", bound=POSITIVE, role="schedule")
+    ckpt_every: int = setting(1_000, "steps between checkpoints; one is always written at the "
+                              "end", bound=POSITIVE, role="schedule")
+    eval_every: int = setting(2_000, "steps between measurements of sample quality (FD and IS "
+                              "against the MNIST test set, and label accuracy for "
+                              "--conditional), logged and shown with the losses; 0 turns them "
+                              "off", bound=NON_NEGATIVE, role="schedule")
+    eval_samples: int = setting(2_000, "digits drawn for each measurement (FD is biased upwards "
+                                "for few; compare FDs of equal counts)",
+                                bound=at_least(MIN_EVAL_SAMPLES), role="schedule")
+    dtype: str = setting("float32", "compute dtype; params, optimizer state, BatchNorm "
+                         "statistics and losses stay float32 (train.py's default: bfloat16 on "
+                         "TPU, float32 elsewhere)", choices=lambda: list(COMPUTE_DTYPES))
+    steps_per_call: int = setting(1, "updates per device call, unrolled in one compiled "
+                                  "function: less per-call overhead for small models, longer "
+                                  "compilation", bound=POSITIVE)
+    data_on_device: bool = setting(False, "keep the whole training split on the devices and "
+                                   "gather each batch there, in the same order as the host's "
+                                   "tf.data stream: for GPUs and TPUs, where feeding a small "
+                                   "model from the host can cost more than its update",
+                                   role="schedule")
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
-            raise UserError(f"unknown arch {self.arch!r}; choose one of {sorted(ARCHS)}")
+            raise ConfigError("arch", f"unknown arch {self.arch!r}; choose one of {sorted(ARCHS)}")
         for name in ("batch_size", "learning_rate", "beta1"):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, getattr(self.spec, name))
-        for name in ("latent_dim", "batch_size", "steps", "log_every", "sample_every", "ckpt_every",
-                     "steps_per_call"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
-        if not 0.0 < self.learning_rate < float("inf"):
-            raise UserError(f"learning_rate must be positive and finite, got {self.learning_rate}")
-        if self.eval_every < 0:
-            raise UserError(f"eval_every must be >= 0 (0: no evaluation), got {self.eval_every}")
-        if self.eval_samples < MIN_EVAL_SAMPLES:
-            raise UserError(f"eval_samples must be at least {MIN_EVAL_SAMPLES}, got {self.eval_samples}")
-        if self.dtype not in COMPUTE_DTYPES:
-            raise UserError(f"unknown dtype {self.dtype!r}; choose one of {list(COMPUTE_DTYPES)}")
-        if not 0 <= self.seed < MAX_SEED:
-            raise UserError(f"seed must be in [0, 2**32), got {self.seed}")
-        for name in ("beta1", "beta2", "ema_decay"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise UserError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        for field in dataclasses.fields(self):
+            value, bound, choices = (getattr(self, field.name), field.metadata["bound"],
+                                     field.metadata["choices"])
+            if bound is not None and (reason := bound.error(value)):
+                raise ConfigError(field.name, reason)
+            if choices is not None and value not in choices():
+                raise ConfigError(field.name, f"unknown {value!r}; choose one of {choices()}")
 
     @property
     def spec(self) -> ArchSpec:
         return ARCHS[self.arch]
+
+    @staticmethod
+    def fields_with(role: Role) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(Config) if f.metadata["role"] == role)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -125,13 +202,13 @@ class Config:
         """Builds a Config from parsed JSON, refusing unknown or mistyped fields."""
         if not isinstance(data, dict):
             raise UserError(f"config must be a JSON object, got {type(data).__name__}")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(fields))
+        types = field_types()
+        unknown = sorted(set(data) - set(types))
         if unknown:
             raise UserError(f"config has unknown field(s): {', '.join(unknown)}")
-        values, defaults = {}, cls()
+        values = {}
         for name, value in data.items():
-            expected = type(getattr(defaults, name))
+            expected = types[name]
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
             if type(value) is not expected:
@@ -143,16 +220,51 @@ class Config:
 
     def changed_from(self, saved: Config) -> list[str]:
         """The settings, other than the length of the run, that differ from `saved`."""
-        return [f"{f.name} {getattr(saved, f.name)} -> {getattr(self, f.name)}"
-                for f in dataclasses.fields(self)
-                if f.name not in RUN_LENGTH_FIELDS and getattr(self, f.name) != getattr(saved, f.name)]
+        return [f"{name} {getattr(saved, name)} -> {getattr(self, name)}"
+                for name in (*self.fields_with("model"), *self.fields_with("recipe"))
+                if getattr(self, name) != getattr(saved, name)]
 
     def check_resumable_with(self, saved: Config) -> None:
         """Refuses to continue a checkpoint whose networks have other shapes."""
-        for name in MODEL_FIELDS:
+        for name in self.fields_with("model"):
             ours, theirs = getattr(self, name), getattr(saved, name)
             if ours != theirs:
                 raise UserError(
                     f"checkpoint was trained with {name}={theirs!r} but this run asks for "
                     f"{name}={ours!r}; use another --ckpt-dir or the same {name}"
                 )
+
+
+def field_types() -> dict[str, type]:
+    """Each Config field's value type, without the None that some take as "the arch's"."""
+    hints = typing.get_type_hints(Config)
+    return {name: next(t for t in typing.get_args(hint) or (hint,) if t is not type(None))
+            for name, hint in hints.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """A Config field as a command-line flag."""
+
+    field: str
+    name: str  # without the dashes
+    type: type
+    default: Any
+    help: str
+    bound: Bound | None
+    choices: list[str] | None
+
+
+def flags() -> Iterator[Flag]:
+    """The command-line flags of Config's fields, in declaration order."""
+    types = field_types()
+    for field in dataclasses.fields(Config):
+        meta = field.metadata
+        yield Flag(field.name, meta["flag"] or field.name.replace("_", "-"), types[field.name],
+                   field.default, meta["help"], meta["bound"],
+                   meta["choices"]() if meta["choices"] else None)
+
+
+def flag_name(field: str) -> str:
+    """The command-line flag (without dashes) of a Config field."""
+    return next(f.name for f in flags() if f.field == field)

@@ -1,4 +1,4 @@
-"""MNIST through tensorflow-datasets: preparing it (offline from IDX files), and batching it.
+"""MNIST, loaded here only: through tensorflow-datasets or from IDX files, whole or batched.
 
 The training batches are a pure function of (seed, step): each epoch is a
 permutation keyed by (seed, epoch), so a resumed run sees exactly the batches
@@ -143,6 +143,22 @@ def load_split(split: str, data_dir: str | None = None) -> tuple[np.ndarray, np.
                         as_supervised=True)
     chunks = list(tfds.as_numpy(dataset.batch(LOAD_CHUNK)))
     return np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
+
+
+def load_mnist(data_dir: str | None = None, mnist_idx: str | None = None
+               ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """MNIST (train, test) as (uint8 images (N, 28, 28), labels (N,)), whole, in memory.
+
+    From the IDX files in `mnist_idx` when given (read directly, nothing is
+    written), else from tfds's prepared `mnist` in `data_dir` (downloaded first
+    if it can be).
+    """
+    if mnist_idx is not None:
+        idx_dir = idx_folder(mnist_idx)
+        return read_idx_split(idx_dir, "train"), read_idx_split(idx_dir, "test")
+    prepare_mnist(data_dir)
+    splits = [load_split(split, data_dir) for split in ("train", "test")]
+    return tuple((images[..., 0], labels) for images, labels in splits)  # type: ignore[return-value]
 
 
 # uint8 [0, 255] -> float32 [-1, 1], as the original scales its inputs: one table, so that

@@ -41,15 +41,28 @@ class MetricsLog:
         write_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
 
-QUALITY_FORMATS = {"fd": "FD {:.2f}", "is": "IS {:.2f}", "label_accuracy": "label acc {:.3f}"}
+# How the known metrics read on screen and in plots; any other metric of the step or the
+# evaluation shows as its own name, with 4 significant digits.
+DISPLAY = {"d_loss": ("d_loss", "{:.4f}"), "g_loss": ("g_loss", "{:.4f}"),
+           "d_real": ("D(x)", "{:.3f}"), "d_fake": ("D(G(z))", "{:.3f}"),
+           "fd": ("FD", "{:.2f}"), "is": ("IS", "{:.2f}"), "label_accuracy": ("label acc", "{:.3f}")}
+# Fields of a metrics.jsonl record that are not metrics of the model.
+BOOKKEEPING = ("step", "steps_per_s")
+
+
+def label(name: str) -> str:
+    """A metric's name on screen and in plots: D(x) for d_real, and so on."""
+    return DISPLAY.get(name, (name, ""))[0]
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
-    """One readable line: d_loss, g_loss, D(x) and D(G(z)), then the sample quality where
-    it was measured (FD, IS, and label accuracy for a conditional model)."""
-    quality = [form.format(metrics[key]) for key, form in QUALITY_FORMATS.items() if key in metrics]
-    return "  ".join([f"d_loss {metrics['d_loss']:.4f}  g_loss {metrics['g_loss']:.4f}  "
-                      f"D(x) {metrics['d_real']:.3f}  D(G(z)) {metrics['d_fake']:.3f}", *quality])
+    """One readable line of every metric: the known ones in DISPLAY's order (losses, D's
+    outputs, then the sample quality where it was measured), then any other the step
+    returns (jit hands dicts back with sorted keys, so the order is set here)."""
+    names = sorted((n for n in metrics if n not in BOOKKEEPING),
+                   key=lambda n: list(DISPLAY).index(n) if n in DISPLAY else len(DISPLAY))
+    return "  ".join(f"{label(n)} {DISPLAY.get(n, (n, '{:.4g}'))[1].format(metrics[n])}"
+                     for n in names)
 
 
 class TensorBoardLog:

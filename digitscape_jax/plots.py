@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from digitscape_jax.files import write_atomically
+from digitscape_jax.metrics import BOOKKEEPING, label
 
 GRID_PAD = 2  # Pixels between tiles.
 GRID_BACKGROUND = 128  # Mid-gray, so that the black edges of digits stay visible.
@@ -64,27 +65,35 @@ def save_gif(path: str | Path, frames: list[np.ndarray], frame_ms: int = 400) ->
         out, format="GIF", save_all=True, append_images=images[1:], duration=frame_ms, loop=0))
 
 
-LOSS_PANELS = (("loss", ("d_loss", "g_loss")), ("discriminator output", ("d_real", "d_fake")))
-QUALITY_PANELS = (("FD to MNIST test (lower is better)", ("fd",)),
-                  ("inception score (10 is best)", ("is",)))
-LABELS = {"d_loss": "d_loss", "g_loss": "g_loss", "d_real": "D(x)", "d_fake": "D(G(z))",
-          "fd": "FD", "is": "IS"}
+# Metrics drawn together in one panel; every other metric gets a panel of its own.
+PANELS = (("loss", ("d_loss", "g_loss")), ("discriminator output", ("d_real", "d_fake")),
+          ("FD to MNIST test (lower is better)", ("fd",)), ("inception score (10 is best)", ("is",)))
 
 
-def plot_losses(records: list[dict], path: str | Path) -> Path:
-    """Draws the losses and D's mean outputs against step, from metrics.jsonl records."""
+def metric_panels(records: list[dict]) -> list[tuple[str, tuple[str, ...]]]:
+    """(title, metric names) of each panel, for the metrics that `records` hold, in order."""
+    names = list(dict.fromkeys(k for r in records for k in r if k not in BOOKKEEPING))
+    grouped = {name for _, keys in PANELS for name in keys}
+    panels = [(title, tuple(k for k in keys if k in names)) for title, keys in PANELS]
+    panels += [(label(name), (name,)) for name in names if name not in grouped]
+    return [(title, keys) for title, keys in panels if keys]
+
+
+def plot_metrics(records: list[dict], path: str | Path) -> Path:
+    """Draws every logged metric against step, from metrics.jsonl records: the losses, D's
+    mean outputs, FD and IS where measured, and any other metric in a panel of its own."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = LOSS_PANELS + (QUALITY_PANELS if any("fd" in r for r in records) else ())
+    panels = metric_panels(records)
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5),
-                             constrained_layout=True)
-    for ax, (title, keys) in zip(axes, panels):
+                             constrained_layout=True, squeeze=False)
+    for ax, (title, keys) in zip(axes[0], panels):
         for key in keys:
             points = [(r["step"], r[key]) for r in records if key in r]
-            ax.plot(*zip(*points), label=LABELS[key], marker="." if len(points) < 30 else None)
+            ax.plot(*zip(*points), label=label(key), marker="." if len(points) < 30 else None)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -1,4 +1,5 @@
-"""The training loop: data in, jitted steps, logs, sample grids and checkpoints out.
+"""The training loop: `train(config, paths)`, data in, jitted steps, logs, pictures and
+checkpoints out.
 
 A run can be killed at any moment and rerun with the same command: it resumes
 from the newest readable checkpoint and ends bitwise where an uninterrupted run
@@ -10,178 +11,30 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-import signal
+import itertools
 import sys
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any, TextIO
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
-from digitscape_jax import cli, data, evaluate, parallel
+from digitscape_jax import cli, data, parallel
 from digitscape_jax.checkpointing import Checkpointer, RunLock
 from digitscape_jax.config import Config
 from digitscape_jax.errors import TrainingDiverged
-from digitscape_jax.metrics import MetricsLog, TensorBoardLog, format_metrics
-from digitscape_jax.models import NUM_CLASSES, networks, sample_noise
-from digitscape_jax.plots import image_grid, plot_losses, save_gif, save_grid, save_image
+from digitscape_jax.evaluator import Evaluator, during_training
+from digitscape_jax.metrics import format_metrics
+from digitscape_jax.outputs import REAL_IMAGES, ROW_LENGTH, RunOutputs, RunPaths
+from digitscape_jax.plots import save_grid
 from digitscape_jax.progress import Progress, format_duration
-from digitscape_jax.sampling import render
-from digitscape_jax.steps import GeneratorState, abstract_states, create_states, jit_train_step
+from digitscape_jax.schedule import EVALUATE, LOG, SAMPLE, SAVE, Schedule
+from digitscape_jax.steps import abstract_states, create_states, jit_train_step
+from digitscape_jax.stopping import StopRequest
 
-REAL_IMAGES = "real_images.png"
-FINAL_GRID = "generated_images.png"
-PROGRESS_GIF = "progress.gif"
-LOSSES_PLOT = "losses.png"
-TENSORBOARD_DIR = "tensorboard"
-ROW_LENGTH = 10  # Digits in each periodic sample row, as in the original.
-FINAL_ROWS, FINAL_COLS = 4, 4
-
-
-@dataclasses.dataclass(frozen=True)
-class RunPaths:
-    """Where a run reads its data and writes its outputs."""
-
-    ckpt_dir: Path
-    samples_dir: Path
-    data_dir: str | None = None
-    mnist_idx: str | None = None
-    tensorboard: bool = False
-
-    def sample_row(self, step: int) -> Path:
-        return self.samples_dir / f"generated_images_{step}.png"
-
-
-def _read_frame(path: Path) -> np.ndarray | None:
-    """An earlier sample row for the GIF, or None where it is missing or unreadable (say, cut
-    short by a crash of an older version): the GIF is a view, and never stops training."""
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image)
-    except (OSError, ValueError):
-        return None
-
-
-class RunOutputs:
-    """The pictures and logs of a run, written at its logging and sampling points only.
-
-    Every process computes the digits (they come from the replicated state);
-    only the primary one writes files.
-    """
-
-    def __init__(self, config: Config, paths: RunPaths, sample_key: jax.Array,
-                 sharding: jax.sharding.Sharding):
-        self.config, self.paths = config, paths
-        self.primary = parallel.is_primary()
-        self.generator, _ = networks(config)
-        n = FINAL_ROWS * FINAL_COLS
-        self.fixed_noise, self.fixed_labels = jax.device_put(
-            (sample_noise(sample_key, config.spec.noise, (n, config.latent_dim)),
-             jnp.arange(n) % NUM_CLASSES),  # A conditional row of 10 counts 0 to 9.
-            sharding)
-        self.metrics = MetricsLog(paths.ckpt_dir)
-        self.tensorboard = (TensorBoardLog(paths.ckpt_dir / TENSORBOARD_DIR)
-                            if paths.tensorboard and self.primary else None)
-
-    def log(self, record: dict[str, float]) -> None:
-        if not self.primary:
-            return
-        self.metrics.append(record)
-        if self.tensorboard:
-            self.tensorboard.scalars(record["step"], {k: v for k, v in record.items() if k != "step"})
-
-    def digits(self, g_state: GeneratorState, n: int) -> np.ndarray:
-        return jax.device_get(render(self.generator, g_state.ema_variables, self.fixed_noise[:n],
-                                     self.fixed_labels[:n]))
-
-    def sample(self, step: int, g_state: GeneratorState) -> None:
-        """The fixed-noise row of `step`, and the GIF and loss curves up to it."""
-        row = image_grid(self.digits(g_state, ROW_LENGTH), 1, ROW_LENGTH)
-        if not self.primary:
-            return
-        save_image(self.paths.sample_row(step), row)
-        if self.tensorboard:
-            self.tensorboard.image(step, "samples", row)
-        earlier = range(self.config.sample_every, step, self.config.sample_every)
-        frames = [frame for s in earlier  # written by earlier runs too
-                  if (frame := _read_frame(self.paths.sample_row(s))) is not None]
-        save_gif(self.paths.ckpt_dir / PROGRESS_GIF, [*frames, row])
-        self.plot()
-
-    def plot(self) -> None:
-        records = self.metrics.read()
-        if records:
-            plot_losses(records, self.paths.ckpt_dir / LOSSES_PLOT)
-
-    def finish(self, g_state: GeneratorState) -> None:
-        digits = self.digits(g_state, FINAL_ROWS * FINAL_COLS)
-        if self.primary:
-            save_grid(self.paths.ckpt_dir / FINAL_GRID, digits, FINAL_ROWS, FINAL_COLS)
-            self.plot()
-
-    def where(self) -> list[tuple[str, Path]]:
-        """Every output of the run, for the closing summary."""
-        ckpt, samples = self.paths.ckpt_dir, self.paths.samples_dir
-        places = [("checkpoints", ckpt), ("metrics", self.metrics.path),
-                  ("loss curves", ckpt / LOSSES_PLOT), ("progress GIF", ckpt / PROGRESS_GIF),
-                  ("real digits", ckpt / REAL_IMAGES), ("final grid", ckpt / FINAL_GRID),
-                  ("sample rows", samples / "generated_images_<step>.png")]
-        if self.tensorboard:
-            places.append(("TensorBoard", ckpt / TENSORBOARD_DIR))
-        return places
-
-
-def call_plan(start: int, end: int, steps_per_call: int,
-              every: tuple[int, ...]) -> Iterator[int]:
-    """How many updates each device call runs, from step `start` to `end`: `steps_per_call`,
-    or single steps where a call would pass over a step that logs, samples or saves (a
-    multiple of one of `every`), since those happen between calls."""
-    step = start
-    while step < end:
-        k = steps_per_call
-        if step + k > end or any((step + i) % e == 0 for i in range(1, k) for e in every):
-            k = 1
-        step += k
-        yield k
-
-
-@jax.jit
-def all_finite(tree: Any) -> jax.Array:
-    """Whether every floating-point value in `tree` is finite."""
-    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
-    return jnp.all(jnp.array([jnp.isfinite(x).all() for x in leaves]))
-
-
-class StopRequest:
-    """Turns the first SIGTERM or SIGINT into a request to stop after the current step.
-
-    A second one interrupts at once (as KeyboardInterrupt); checkpoints are
-    written atomically, so even that loses nothing but the steps since the last.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self) -> None:
-        self.signal_name: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopRequest:
-        for signum in self.SIGNALS:
-            self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        if self.signal_name is not None:
-            raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
+__all__ = ["RunPaths", "train"]
 
 
 def train(config: Config, paths: RunPaths, stream: TextIO | None = None,
@@ -193,9 +46,181 @@ def train(config: Config, paths: RunPaths, stream: TextIO | None = None,
     """
     if not parallel.is_primary():  # The primary process speaks and holds the lock for all.
         stream, warn = io.StringIO(), lambda message: None
+    stream = stream or sys.stdout
     lock = RunLock(paths.ckpt_dir) if parallel.is_primary() else contextlib.nullcontext()
     with lock, StopRequest() as stop:
-        return _train(config, paths, stream or sys.stdout, warn, stop)
+        return _train(config, paths, stream, warn, stop)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunKeys:
+    """The run's independent random streams (`data.order_key` keeps the data order apart)."""
+
+    init: jax.Array
+    step: jax.Array
+    sample: jax.Array
+    eval: jax.Array
+
+    @classmethod
+    def of(cls, seed: int) -> RunKeys:
+        return cls(*jax.random.split(jax.random.key(seed), 4))
+
+
+def _train(config: Config, paths: RunPaths, stream: TextIO, warn: Callable[[str], None],
+           stop: StopRequest) -> int:
+    mesh = parallel.data_parallel_mesh(config.batch_size)
+    replicated = parallel.replicated(mesh)
+    ckpt = Checkpointer(paths.ckpt_dir)
+    start, states = _resume(config, ckpt, abstract_states(config, replicated), warn)
+    if start >= config.steps:
+        print(f"{paths.ckpt_dir} is already at step {start} >= --steps {config.steps}: "
+              "nothing to do", file=stream)
+        return start
+    for moved in ckpt.set_aside_after(start):  # Unreadable newer steps, out of the way of saves.
+        warn(f"warning: set the unreadable checkpoint aside as {moved}")
+
+    images, labels, evaluator = _load_data(config, paths)
+    keys = RunKeys.of(config.seed)
+    outputs = RunOutputs(config, paths, keys.sample, replicated)
+    progress = Progress(start, config.steps, stream)
+    if outputs.primary:
+        outputs.metrics.truncate_after(start)  # Records past the checkpoint are logged again.
+    if states is None:
+        g_state, d_state = jax.device_put(create_states(config, keys.init), replicated)
+        if outputs.primary:
+            save_grid(paths.ckpt_dir / REAL_IMAGES, images[:ROW_LENGTH], 1, ROW_LENGTH)
+    else:
+        g_state, d_state = states
+        progress.write(f"resuming {paths.ckpt_dir} from step {start}")
+    progress.write(parallel.startup_report(config, mesh, start))
+    stop.announce = progress.write
+
+    schedule = Schedule.of(config)
+    plan = list(schedule.call_plan(start, config.steps_per_call))
+    step_fns = {1: jit_train_step(config),
+                config.steps_per_call: jit_train_step(config, steps_per_call=config.steps_per_call)}
+    actions = _Actions(config, paths, ckpt, outputs, progress, evaluator, keys.eval, start)
+    batches = _batches(config, mesh, images, labels, start, plan)
+    call_ends = list(itertools.accumulate(plan, initial=start))[1:]  # Each call's last step.
+    stop.step, in_flight = call_ends[0], None
+    try:
+        for index, (call_steps, step) in enumerate(zip(plan, call_ends)):
+            image_batch, label_batch = next(batches)
+            g_state, d_state, metrics = step_fns[call_steps](g_state, d_state, image_batch,
+                                                             keys.step, label_batch)
+            # Wait for the call before this one: the loop runs at most one call ahead of the
+            # device, so a stop or an error is acted on within two steps.
+            jax.block_until_ready(in_flight)
+            in_flight = metrics
+            progress.advance(call_steps)
+            actions.timer.advance(step, call_steps, metrics)
+            stop.step = call_ends[min(index + 1, len(plan) - 1)]  # Where a stop asked now falls.
+            stopping = _stop_agreed(stop, schedule, step) and step < config.steps
+            due = schedule.due(step, stopping)
+            if due:
+                actions.run(step, due, g_state, d_state, metrics)
+            if stopping:
+                progress.write(f"{stop.signal_name or 'another process was stopped'}: stopped at "
+                               f"step {step} and saved a checkpoint in {paths.ckpt_dir}; rerun "
+                               "the same command to resume")
+                return step
+        outputs.finish(g_state)
+    finally:
+        wall_s = progress.close()
+    _summary(stream, config, start, wall_s, actions.logged, outputs)
+    return config.steps
+
+
+def _stop_agreed(stop: StopRequest, schedule: Schedule, step: int) -> bool:
+    """Whether the run stops at `step`: on a signal to this process, or with many processes
+    to any of them, agreed on at log and save steps only, where a collective costs little."""
+    if jax.process_count() == 1:
+        return stop.requested
+    return bool(schedule.due(step) & {LOG, SAVE}) and parallel.any_process(stop.requested)
+
+
+class _StepTimer:
+    """Steps per second between logs; the first call, which compiles, is timed and reported
+    on its own."""
+
+    def __init__(self, start: int, progress: Progress):
+        self.start, self.progress = start, progress
+        self.began = time.perf_counter()
+        self.first_call_s = self.interval_start = 0.0
+        self.interval_steps = 0
+
+    def advance(self, step: int, call_steps: int, metrics: Any) -> None:
+        if step == self.start + call_steps:
+            jax.block_until_ready(metrics)
+            self.first_call_s = time.perf_counter() - self.began
+            self.progress.write(f"first call ({call_steps} step{'s' * (call_steps > 1)}, with "
+                                f"compilation) took {self.first_call_s:.1f} s")
+            self.interval_start, self.interval_steps = time.perf_counter(), 0
+        else:
+            self.interval_steps += call_steps
+
+    def steps_per_s(self, step: int) -> float:
+        """The speed since the last call of this, which starts the next interval."""
+        elapsed = time.perf_counter() - self.interval_start
+        speed = (self.interval_steps / elapsed if self.interval_steps
+                 else (step - self.start) / self.first_call_s)
+        self.interval_start, self.interval_steps = time.perf_counter(), 0
+        return speed
+
+
+class _Actions:
+    """What a step does besides updating, in this order: check the state is finite, log (with
+    an evaluation when due), save (first, so no failure in the pictures costs a checkpoint),
+    and draw the sample row."""
+
+    def __init__(self, config: Config, paths: RunPaths, ckpt: Checkpointer,
+                 outputs: RunOutputs, progress: Progress, evaluator: Evaluator | None,
+                 eval_key: jax.Array, start: int):
+        self.config, self.paths, self.ckpt, self.outputs = config, paths, ckpt, outputs
+        self.progress, self.evaluator, self.eval_key = progress, evaluator, eval_key
+        self.timer = _StepTimer(start, progress)
+        self.last_finite = start
+        self.logged: dict[str, float] = {}
+
+    def run(self, step: int, due: frozenset[str], g_state: Any, d_state: Any,
+            metrics: dict[str, jax.Array]) -> None:
+        self.check_finite(step, (g_state, d_state, metrics))  # Never log, draw or save NaNs.
+        if SAVE in due:
+            parallel.check_replicas_agree((g_state, d_state), step)
+        if LOG in due:
+            self.log(step, g_state, metrics, evaluate=EVALUATE in due)
+        if SAVE in due:
+            self.ckpt.save(step, g_state, d_state, self.config)
+        if SAMPLE in due:
+            self.outputs.sample(step, g_state)
+
+    def log(self, step: int, g_state: Any, metrics: dict[str, jax.Array], evaluate: bool) -> None:
+        self.logged = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        steps_per_s = self.timer.steps_per_s(step)
+        if evaluate and self.evaluator is not None:
+            self.logged |= during_training(self.evaluator, self.config,
+                                           jax.device_get(g_state.ema_variables), self.eval_key,
+                                           self.config.eval_samples)
+        self.outputs.log({"step": step, "steps_per_s": steps_per_s, **self.logged})
+        self.progress.report(step, steps_per_s, self.logged)
+
+    def check_finite(self, step: int, tree: Any) -> None:
+        if not bool(all_finite(tree)):
+            good = self.ckpt.latest_step()
+            kept = f"step {good} in {self.paths.ckpt_dir}" if good else "none written"
+            raise TrainingDiverged(
+                f"training diverged: a loss or parameter became NaN or infinite between steps "
+                f"{self.last_finite} and {step}; the last good checkpoint is kept ({kept}); "
+                "try a lower --lr or another --seed"
+            )
+        self.last_finite = step
+
+
+@jax.jit
+def all_finite(tree: Any) -> jax.Array:
+    """Whether every floating-point value in `tree` is finite."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.array([jnp.isfinite(x).all() for x in leaves]))
 
 
 def _resume(config: Config, ckpt: Checkpointer, abstract: Any, warn: Callable[[str], None]):
@@ -216,124 +241,19 @@ def _resume(config: Config, ckpt: Checkpointer, abstract: Any, warn: Callable[[s
     return step, states
 
 
-def _train(config: Config, paths: RunPaths, stream: TextIO, warn: Callable[[str], None],
-           stop: StopRequest) -> int:
-    mesh = parallel.data_parallel_mesh(config.batch_size)
-    replicated = parallel.replicated(mesh)
-
-    ckpt = Checkpointer(paths.ckpt_dir)
-    start, states = _resume(config, ckpt, abstract_states(config, replicated), warn)
-    if start >= config.steps:
-        print(f"{paths.ckpt_dir} is already at step {start} >= --steps {config.steps}: "
-              "nothing to do", file=stream)
-        return start
-    for moved in ckpt.set_aside_after(start):  # Unreadable newer steps, out of the way of saves.
-        warn(f"warning: set the unreadable checkpoint aside as {moved}")
-
+def _load_data(config: Config, paths: RunPaths
+               ) -> tuple[np.ndarray, np.ndarray, Evaluator | None]:
+    """The training split, and the evaluator where this process measures sample quality."""
     for turn in ("primary", "others"):  # One at a time: processes may share a data dir.
         if parallel.is_primary() == (turn == "primary"):
             data.prepare_mnist(paths.data_dir, paths.mnist_idx)
         parallel.sync(f"mnist prepared by the {turn}")
     images, labels = data.load_split("train", paths.data_dir)
-    # data.order_key keeps the data order apart from these four streams.
-    init_key, step_key, sample_key, eval_key = jax.random.split(jax.random.key(config.seed), 4)
     evaluator = None
     if config.eval_every and parallel.is_primary():  # The primary process measures and logs.
         test_images, _ = data.load_split("test", paths.data_dir)
-        evaluator = evaluate.Evaluator(test_images[..., 0], images[..., 0])
-    outputs = RunOutputs(config, paths, sample_key, replicated)
-    progress = Progress(start, config.steps, stream)
-    if outputs.primary:
-        outputs.metrics.truncate_after(start)  # Records past the checkpoint are logged again.
-    if states is None:
-        g_state, d_state = jax.device_put(create_states(config, init_key), replicated)
-        if outputs.primary:
-            save_grid(paths.ckpt_dir / REAL_IMAGES, images[:ROW_LENGTH], 1, ROW_LENGTH)
-    else:
-        g_state, d_state = states
-        progress.write(f"resuming {paths.ckpt_dir} from step {start}")
-    progress.write(parallel.startup_report(config, mesh, start))
-
-    last_finite = start
-
-    def check_finite(step: int, tree: Any) -> None:
-        nonlocal last_finite
-        if not bool(all_finite(tree)):
-            good = ckpt.latest_step()
-            kept = f"step {good} in {paths.ckpt_dir}" if good else "none written"
-            raise TrainingDiverged(
-                f"training diverged: a loss or parameter became NaN or infinite between steps "
-                f"{last_finite} and {step}; the last good checkpoint is kept ({kept}); "
-                "try a lower --lr or another --seed"
-            )
-        last_finite = step
-
-    step_fns = {1: jit_train_step(config),
-                config.steps_per_call: jit_train_step(config, steps_per_call=config.steps_per_call)}
-    plan = list(call_plan(start, config.steps, config.steps_per_call,
-                          (config.log_every, config.sample_every, config.ckpt_every,
-                           config.eval_every or config.steps)))
-    batches = _batches(config, mesh, images, labels, start, plan)
-    compile_start = time.perf_counter()
-    first_step_s = interval_start = 0.0
-    interval_steps = 0
-    logged: dict[str, float] = {}
-    step = start
-    try:
-        for call_steps in plan:
-            image_batch, label_batch = next(batches)
-            g_state, d_state, metrics = step_fns[call_steps](g_state, d_state, image_batch,
-                                                             step_key, label_batch)
-            step += call_steps
-            progress.advance(call_steps)
-            if step == start + call_steps:  # Time from here on: the first call includes compiling.
-                jax.block_until_ready(metrics)
-                first_step_s = time.perf_counter() - compile_start
-                progress.write(f"first call ({call_steps} step{'s' * (call_steps > 1)}, with "
-                               f"compilation) took {first_step_s:.1f} s")
-                interval_start, interval_steps = time.perf_counter(), 0
-            else:
-                interval_steps += call_steps
-            evaluating = config.eval_every and (step % config.eval_every == 0
-                                                or step == config.steps)
-            logging = step % config.log_every == 0 or step == config.steps or evaluating
-            sampling = step % config.sample_every == 0
-            requested = stop.signal_name is not None
-            if jax.process_count() > 1:  # Agreeing costs a collective: only at log and save steps.
-                requested = ((logging or step % config.ckpt_every == 0)
-                             and parallel.any_process(requested))
-            stopping = requested and step < config.steps
-            saving = step % config.ckpt_every == 0 or step == config.steps or stopping
-            if logging or sampling or saving:  # Never log, draw or save a diverged state.
-                check_finite(step, (g_state, d_state, metrics))
-            if saving:
-                parallel.check_replicas_agree((g_state, d_state), step)
-            if logging:
-                logged = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                elapsed = time.perf_counter() - interval_start
-                steps_per_s = (interval_steps / elapsed if interval_steps
-                               else (step - start) / first_step_s)
-                if evaluating and evaluator is not None:
-                    logged |= evaluate.during_training(
-                        evaluator, config, jax.device_get(g_state.ema_variables), eval_key,
-                        config.eval_samples)
-                outputs.log({"step": step, "steps_per_s": steps_per_s, **logged})
-                progress.report(step, steps_per_s, logged)
-                interval_start, interval_steps = time.perf_counter(), 0
-            if saving:  # First, so that no failure in the pictures can cost a checkpoint.
-                ckpt.save(step, g_state, d_state, config)
-            if sampling:
-                outputs.sample(step, g_state)
-            if stopping:
-                progress.write(f"{stop.signal_name or 'another process was stopped'}: stopped at "
-                               f"step {step} and saved a checkpoint "
-                               f"in {paths.ckpt_dir}; rerun the same command to resume")
-                return step
-        outputs.finish(g_state)
-    finally:
-        wall_s = progress.close()
-    _summary(stream, config, start, wall_s, logged, outputs)
-    return config.steps
+        evaluator = Evaluator(test_images[..., 0], images[..., 0])
+    return images, labels, evaluator
 
 
 def _batches(config: Config, mesh: jax.sharding.Mesh, images: np.ndarray, labels: np.ndarray,

@@ -15,7 +15,6 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = Path(os.environ.get("DIGITSCAPE_MNIST_IDX", REPO.parent / "shared" / "mnist"))
 
-sys.path.insert(0, str(REPO))
 # One compilation cache for the session's runs, in and out of process, kept out of ~/.cache.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="digitscape-xla-"))
 
@@ -68,7 +67,7 @@ TRAIN_FLAGS = ["--arch", "seed", "--steps", "30", "--log-every", "10", "--sample
 def run_script(script: str, *args, cwd: Path,
                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Runs train.py or sample.py in a fresh process, as a user would, with `env` added."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
 

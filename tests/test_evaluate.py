@@ -13,6 +13,9 @@ from conftest import REPO, write_idx
 
 from digitscape_jax import classifier, cli, data
 from digitscape_jax import evaluate as ev
+from digitscape_jax import sample_metrics as sm
+from digitscape_jax.errors import UserError
+from digitscape_jax.evaluator import MIN_SAMPLES, Evaluator, during_training
 from test_cli import flag_error, one_line_error
 
 REFERENCE_N = 2000  # test digits the evaluator compares with
@@ -28,7 +31,7 @@ def mnist(mnist_idx):
 @pytest.fixture(scope="session")
 def evaluator(mnist):
     (train, _), (test, _) = mnist
-    return ev.Evaluator(test[:REFERENCE_N], train[:TRAIN_N])
+    return Evaluator(test[:REFERENCE_N], train[:TRAIN_N])
 
 
 @pytest.fixture(scope="session")
@@ -66,21 +69,21 @@ def test_classifier_takes_uint8_digits_only():
     assert features.shape == (3, classifier.FEATURES) and logits.shape == (3, classifier.CLASSES)
     for bad, message in ((np.zeros((3, 28, 28), np.float32), "must be uint8"),
                          (np.zeros((3, 32, 32), np.uint8), "shape (N, 28, 28)")):
-        with pytest.raises(ev.UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
             classifier.classify(params, bad)
 
 
 def test_fd_is_zero_for_equal_sets_symmetric_and_exact_for_diagonal_gaussians(evaluator,
                                                                               held_out):
-    real = ev.feature_stats(evaluator.test_features)
-    assert abs(ev.frechet_distance(*real, *real)) < 1e-6 * np.trace(real[1])
-    other = ev.feature_stats(classifier.classify(evaluator.params, held_out[0])[0])
-    forward, backward = ev.frechet_distance(*real, *other), ev.frechet_distance(*other, *real)
+    real = sm.feature_stats(evaluator.test_features)
+    assert abs(sm.frechet_distance(*real, *real)) < 1e-6 * np.trace(real[1])
+    other = sm.feature_stats(classifier.classify(evaluator.params, held_out[0])[0])
+    forward, backward = sm.frechet_distance(*real, *other), sm.frechet_distance(*other, *real)
     assert forward > 0 and forward == pytest.approx(backward, rel=1e-6)
     # Commuting covariances: FD = |mu1 - mu2|^2 + sum (sqrt(s1) - sqrt(s2))^2.
     s1, s2 = np.array([1.0, 4.0, 9.0]), np.array([4.0, 4.0, 1.0])
     mu1, mu2 = np.zeros(3), np.array([1.0, 2.0, 0.0])
-    assert ev.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(5 + 1 + 0 + 4)
+    assert sm.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(5 + 1 + 0 + 4)
 
 
 def test_real_digits_rank_above_noise_and_a_single_class(ranked):
@@ -99,14 +102,14 @@ def test_real_digits_rank_above_noise_and_a_single_class(ranked):
 def test_precision_and_recall_of_known_feature_sets():
     rng = np.random.default_rng(0)
     real = rng.normal(size=(1000, 2))
-    assert ev.precision_recall_density(real, real) == (1.0, 1.0, pytest.approx(4 / 3, abs=0.05))
+    assert sm.precision_recall_density(real, real) == (1.0, 1.0, pytest.approx(4 / 3, abs=0.05))
     # (density: each point is also in its own ball, so (k + 1) / k)
-    assert ev.precision_recall_density(real, real + 100.0)[:2] == (0.0, 0.0)
+    assert sm.precision_recall_density(real, real + 100.0)[:2] == (0.0, 0.0)
     half = real[real[:, 0] < 0]  # half of the real manifold, exactly
-    precision, recall, _ = ev.precision_recall_density(real, half)
+    precision, recall, _ = sm.precision_recall_density(real, half)
     assert precision == 1.0 and 0.4 < recall < 0.65
     collapsed = np.repeat(real[:1], 100, 0)  # one point: zero-radius balls
-    precision, recall, _ = ev.precision_recall_density(real, collapsed)
+    precision, recall, _ = sm.precision_recall_density(real, collapsed)
     assert precision == 1.0 and recall == pytest.approx(1 / 1000)
 
 
@@ -116,7 +119,7 @@ def test_memorization_detects_copies_of_training_digits_not_unseen_ones(evaluato
     assert result["memorization_threshold"] > 0.5
     unseen = evaluator.evaluate(held_out[0], metrics=["memorization"])
     assert unseen["memorization_rate"] < 0.04  # 0.01 by construction, on other test digits
-    nearest = ev.NearestTrain(evaluator.train_images[:3000])
+    nearest = sm.NearestTrain(evaluator.train_images[:3000])
     queries = held_out[0][:50]
     brute = np.sqrt(((queries[:, None].astype(np.float64) / 255 -
                       evaluator.train_images[None, :3000] / 255) ** 2).sum((2, 3))).min(1)
@@ -129,16 +132,16 @@ def test_label_accuracy_follows_the_requested_labels(evaluator, mnist):
     assert right["label_accuracy"] >= 0.99
     shuffled = np.random.default_rng(0).permutation(labels)
     assert 0.08 < evaluator.evaluate(images, shuffled, metrics=[])["label_accuracy"] < 0.12
-    with pytest.raises(ev.UserError, match="labels must be"):
+    with pytest.raises(UserError, match="labels must be"):
         evaluator.evaluate(images, labels[:10])
 
 
 def test_too_few_or_bad_digits_are_refused(evaluator):
-    with pytest.raises(ev.UserError, match=f"at least {ev.MIN_SAMPLES} digits"):
-        evaluator.evaluate(evaluator.test_images[:ev.MIN_SAMPLES - 1])
-    with pytest.raises(ev.UserError, match="unknown metrics"):
+    with pytest.raises(UserError, match=f"at least {MIN_SAMPLES} digits"):
+        evaluator.evaluate(evaluator.test_images[:MIN_SAMPLES - 1])
+    with pytest.raises(UserError, match="unknown metrics"):
         evaluator.evaluate(evaluator.test_images, metrics=["fid"])
-    with pytest.raises(ev.UserError, match="uint8"):
+    with pytest.raises(UserError, match="uint8"):
         evaluator.evaluate(evaluator.test_images / 127.5 - 1.0)
 
 
@@ -179,7 +182,7 @@ def test_cli_refuses_malformed_npz_files(capsys, tmp_path, small_mnist_idx):
     np.savez(tmp_path / "floats.npz", images=np.zeros((20, 28, 28), np.float32))
     np.savez(tmp_path / "shape.npz", images=np.zeros((20, 32, 32), np.uint8))
     np.savez(tmp_path / "key.npz", digits=np.zeros((20, 28, 28), np.uint8))
-    np.savez(tmp_path / "few.npz", images=np.zeros((ev.MIN_SAMPLES - 1, 28, 28), np.uint8))
+    np.savez(tmp_path / "few.npz", images=np.zeros((MIN_SAMPLES - 1, 28, 28), np.uint8))
     np.savez(tmp_path / "labels.npz", images=np.zeros((20, 28, 28), np.uint8),
              labels=np.full(20, 12))
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
@@ -275,6 +278,6 @@ def test_during_training_logs_fd_and_is_and_label_accuracy_if_conditional(evalua
     for conditional in (False, True):
         config = Config(arch="seed", conditional=conditional)
         g_state, _ = create_states(config, jax.random.key(0))
-        logged = ev.during_training(evaluator, config, g_state.variables, jax.random.key(1), 200)
+        logged = during_training(evaluator, config, g_state.variables, jax.random.key(1), 200)
         expected = {"fd", "is"} | ({"label_accuracy"} if conditional else set())
         assert set(logged) == expected and logged["fd"] > 50 and 1 <= logged["is"] < 10

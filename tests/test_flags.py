@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -9,6 +12,7 @@ from hypothesis import strategies as st
 
 import sample
 import train
+from digitscape_jax import config
 
 TRAIN_FLAGS = ["--steps", "--arch", "--batch-size", "--lr", "--beta1", "--beta2", "--latent-dim",
                "--seed", "--ckpt-dir", "--samples-dir", "--log-every", "--sample-every",
@@ -74,3 +78,31 @@ def test_help_answers_without_error(parse, capsys):
         parse(["--help"])
     assert exit_info.value.code == 0
     assert "--seed" in capsys.readouterr().out
+
+
+def readme_flag_rows() -> list[tuple[str, str, str]]:
+    """(flag, default, meaning) of each row of README.md's train.py flag table."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("## Main flags", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `--([a-z0-9-]+)` \| ([^|]*) \| ([^|]*) \|$", section, re.M)
+    return [(flag, default.strip(), meaning.strip()) for flag, default, meaning in rows]
+
+
+def test_the_readme_flag_table_is_true_to_the_flags_and_config():
+    actions = {a.option_strings[0]: a for a in train.build_parser()._actions if a.option_strings}
+    fields = {f.name: f for f in config.flags()}
+    rows = readme_flag_rows()
+    assert len(rows) >= 10, "README.md's flag table is missing"
+    for flag, default, meaning in rows:
+        assert f"--{flag}" in actions, f"README.md lists --{flag}, which train.py does not have"
+        value = fields[flag].default if flag in fields else actions[f"--{flag}"].default
+        if value is None:
+            expected = "the arch's" if flag in fields else "None"
+        elif isinstance(value, bool):
+            expected = "on" if value else "off"
+        elif isinstance(value, Path):
+            expected = f"{value}/"
+        else:
+            expected = str(value)
+        assert default == expected, f"README.md says --{flag} defaults to {default}, not {expected}"
+        assert meaning

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from digitscape_jax.config import ARCHS
-from digitscape_jax.models import (PER_PHASE_MIN_FEATURES, Conv, ConvTranspose, Discriminator,
-                                   Dropout, Generator, leaky_relu, sample_noise)
+from digitscape_jax.layers import PER_PHASE_MIN_FEATURES, Conv, ConvTranspose, Dropout
+from digitscape_jax.models import Discriminator, Generator, leaky_relu, sample_noise
 
 # Keras model.summary() of the original ("seed") and of the TF tutorial ("dcgan"):
 # (layer, output shape without the batch axis), in order, and the total parameter counts

@@ -100,7 +100,7 @@ def test_two_processes_train_one_model(tmp_path, one_device_run):
     """
     reference, data_dir = one_device_run
     cluster = ["--coordinator", f"localhost:{free_port()}", "--num-processes", "2"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), **host_devices(1)}
+    env = {**os.environ, **host_devices(1)}
     processes = [
         subprocess.Popen([sys.executable, str(REPO / "train.py"), *map(str, FLAGS), *cluster,
                           "--process-id", str(i), "--data-dir", str(data_dir)],

@@ -9,7 +9,7 @@ from conftest import run_script
 from digitscape_jax.config import Config
 from digitscape_jax.data import stack_batches
 from digitscape_jax.steps import create_states, jit_train_step
-from digitscape_jax.trainer import call_plan
+from digitscape_jax.schedule import call_plan
 from test_steps import state_trees
 
 
