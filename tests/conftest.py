@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import os
 import subprocess
@@ -15,8 +16,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = Path(os.environ.get("DIGITSCAPE_MNIST_IDX", REPO.parent / "shared" / "mnist"))
 
-# One compilation cache for the session's runs, in and out of process, kept out of ~/.cache.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="digitscape-xla-"))
+# One compilation cache for the session's runs, in and out of process and shared by the
+# pytest-xdist workers of one run, kept out of ~/.cache.
+_RUN_ID = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"digitscape-xla-{_RUN_ID}") if _RUN_ID
+    else tempfile.mkdtemp(prefix="digitscape-xla-"))
 
 
 @pytest.fixture(scope="session")
@@ -72,20 +77,41 @@ def run_script(script: str, *args, cwd: Path,
                           capture_output=True, text=True, timeout=600)
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """The folder `name`, made by `build(folder)` once per test run: pytest-xdist's workers
+    share it, the first to ask builds it while the others wait, so its cost is paid once."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / ".built").exists():
+            folder.mkdir(exist_ok=True)
+            build(folder)
+            (folder / ".built").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, mnist_idx):
     """`train.py` from nothing: prepares MNIST from the IDX files, trains 30 steps of `seed`,
-    with TensorBoard events, measuring sample quality at steps 20 and 30.
+    with TensorBoard events, measuring sample quality at steps 20 and 30. Run once for all
+    workers (`built_once`): tests read it, and copy what they change.
 
     Returns the working directory (with `ckpt/`, `generated_images/` and the tfds
-    data dir `tfds/`) and the finished process.
+    data dir `tfds/`) and the finished process, its output included.
     """
-    workdir = tmp_path_factory.mktemp("run")
-    result = run_script("train.py", *TRAIN_FLAGS, "--eval-every", "20", "--eval-samples", "200",
-                        "--tensorboard", "--mnist-idx", mnist_idx,
-                        "--data-dir", workdir / "tfds", cwd=workdir)
-    assert result.returncode == 0, result.stderr
-    return workdir, result
+    def build(workdir: Path) -> None:
+        result = run_script("train.py", *TRAIN_FLAGS, "--eval-every", "20", "--eval-samples",
+                            "200", "--tensorboard", "--mnist-idx", mnist_idx,
+                            "--data-dir", workdir / "tfds", cwd=workdir)
+        assert result.returncode == 0, result.stderr
+        (workdir / "stdout.txt").write_text(result.stdout)
+        (workdir / "stderr.txt").write_text(result.stderr)
+
+    workdir = built_once(tmp_path_factory, "trained_run", build)
+    return workdir, subprocess.CompletedProcess(
+        ["train.py"], 0, (workdir / "stdout.txt").read_text(), (workdir / "stderr.txt").read_text())
 
 
 def gif_frames(path: Path) -> list[np.ndarray]:

@@ -20,7 +20,8 @@ TRAIN_FLAGS = ["--steps", "--arch", "--batch-size", "--lr", "--beta1", "--beta2"
                "--steps-per-call", "--conditional", "--data-on-device", "--mnist-idx", "--data-dir",
                "--coordinator", "--num-processes", "--process-id", "--compile-cache"]
 SAMPLE_FLAGS = ["--ckpt", "--step", "--n", "--grid", "--digit", "--raw", "--seed", "--out", "--npz",
-                "--save-individual", "--interpolate", "--export", "--export-savedmodel"]
+                "--save-individual", "--interpolate", "--export", "--export-savedmodel",
+                "--export-onnx"]
 
 values = st.one_of(
     st.text(max_size=12),

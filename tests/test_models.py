@@ -12,7 +12,8 @@ from digitscape_jax.config import ARCHS
 from digitscape_jax.layers import PER_PHASE_MIN_FEATURES, Conv, ConvTranspose, Dropout
 from digitscape_jax.models import Discriminator, Generator, leaky_relu, sample_noise
 
-# Keras model.summary() of the original ("seed") and of the TF tutorial ("dcgan"):
+# Keras model.summary() of the original ("seed") and of the TF tutorial ("dcgan"), and the
+# tutorial's network at half its widths ("small"), counted the same way by hand:
 # (layer, output shape without the batch axis), in order, and the total parameter counts
 # (Keras counts BatchNorm's moving mean and variance too).
 KERAS_G = {
@@ -23,12 +24,20 @@ KERAS_G = {
                ("ConvTranspose_0", (7, 7, 128)), ("BatchNorm_1", (7, 7, 128)),
                ("ConvTranspose_1", (14, 14, 64)), ("BatchNorm_2", (14, 14, 64)),
                ("ConvTranspose_2", (28, 28, 1))], 2_330_944),
+    # 100*6272 + 4*6272 + 25*128*64 + 4*64 + 25*64*32 + 4*32 + 25*32
+    "small": ([("Dense_0", (6272,)), ("BatchNorm_0", (6272,)),
+               ("ConvTranspose_0", (7, 7, 64)), ("BatchNorm_1", (7, 7, 64)),
+               ("ConvTranspose_1", (14, 14, 32)), ("BatchNorm_2", (14, 14, 32)),
+               ("ConvTranspose_2", (28, 28, 1))], 909_472),
 }
 KERAS_D = {
     "seed": ([("Conv_0", (14, 14, 16)), ("Dropout_0", (14, 14, 16)), ("Conv_1", (7, 7, 32)),
               ("Dropout_1", (7, 7, 32)), ("Dense_0", (1,))], 14_817),
     "dcgan": ([("Conv_0", (14, 14, 64)), ("Dropout_0", (14, 14, 64)), ("Conv_1", (7, 7, 128)),
                ("Dropout_1", (7, 7, 128)), ("Dense_0", (1,))], 212_865),
+    # (25*32 + 32) + (25*32*64 + 64) + (7*7*64 + 1)
+    "small": ([("Conv_0", (14, 14, 32)), ("Dropout_0", (14, 14, 32)), ("Conv_1", (7, 7, 64)),
+               ("Dropout_1", (7, 7, 64)), ("Dense_0", (1,))], 55_233),
 }
 
 

@@ -28,10 +28,23 @@ import train
 TMP_MARK = "orbax-checkpoint-tmp"
 
 
-def start_train(*args, cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, str(REPO / "train.py"), *map(str, args)], cwd=cwd,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+@pytest.fixture
+def start_train():
+    """Starts train.py in the background; whatever a failing test leaves running is killed."""
+    processes: list[subprocess.Popen] = []
+
+    def start(*args, cwd: Path) -> subprocess.Popen:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        processes.append(subprocess.Popen(
+            [sys.executable, str(REPO / "train.py"), *map(str, args)], cwd=cwd, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        return processes[-1]
+
+    yield start
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def wait_for_line(process: subprocess.Popen, text: str) -> str:
@@ -53,7 +66,7 @@ def losses(ckpt_dir: Path) -> list[tuple]:
 
 
 def test_sigkill_anywhere_then_rerun_ends_bitwise_where_an_uninterrupted_run_does(
-        trained_run, tmp_path):
+        start_train, trained_run, tmp_path):
     data_dir = trained_run[0] / "tfds"
     flags = ["--arch", "seed", "--eval-every", "0", "--batch-size", "32", "--steps", "24",
              "--ckpt-every", "1", "--log-every", "1", "--sample-every", "1000", "--data-dir", data_dir]
@@ -100,7 +113,7 @@ def test_sigkill_anywhere_then_rerun_ends_bitwise_where_an_uninterrupted_run_doe
 
 
 def test_sigterm_and_sigint_stop_after_a_checkpoint_and_a_second_writer_is_refused(
-        trained_run, tmp_path):
+        start_train, trained_run, tmp_path):
     flags = ["--arch", "seed", "--eval-every", "0", "--steps", "1000000", "--log-every", "1000000",
              "--data-dir", trained_run[0] / "tfds"]
     process = start_train(*flags, cwd=tmp_path)
