@@ -60,6 +60,10 @@ def parse_args(argv: Sequence[str] | None = None):
     p.add_argument("--export-savedmodel", type=Path, default=None, metavar="DIR",
                    help="write G as a TensorFlow SavedModel (generate(noise) -> images in "
                         "[-1, 1]) through jax2tf, and draw nothing")
+    p.add_argument("--export-onnx", type=Path, default=None, metavar="FILE",
+                   help="write G as an ONNX model (noise, and labels if conditional -> images "
+                        "in [-1, 1], any batch size) through jax2onnx, with FILE's name and "
+                        ".json what the page in demo/ needs to know of it, and draw nothing")
     args = p.parse_args(argv)
     if args.n is not None and args.grid is not None and args.n != args.grid[0] * args.grid[1]:
         p.error(f"--n {args.n} does not fill --grid {args.grid[0]}x{args.grid[1]}")
@@ -71,6 +75,8 @@ def parse_args(argv: Sequence[str] | None = None):
         path = getattr(args, flag)
         if path is not None and (not path.name or path.name in (".", "..")):
             p.error(f"--{flag.replace('_', '-')} needs a file name, got {str(path)!r}")
+    if args.export_onnx is not None and args.export_onnx.suffix != ".onnx":
+        p.error(f"--export-onnx {args.export_onnx} must name a .onnx file")
     if args.npz is not None and args.npz.suffix != ".npz":
         args.npz = args.npz.with_name(args.npz.name + ".npz")  # what numpy would write
     return args
@@ -88,13 +94,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     config, variables, step = load_generator(args.ckpt, args.step, warn=cli.warn, raw=args.raw)
     source = (f"{args.ckpt} (step {step}, arch {config.arch}"
               f"{', conditional' if config.conditional else ''}{', raw weights' if args.raw else ''})")
-    if args.export or args.export_savedmodel:
+    if args.export or args.export_savedmodel or args.export_onnx:
         if args.export:
             export.save_msgpack(args.export, config, variables, step)
             print(f"generator of {source} -> {args.export}")
         if args.export_savedmodel:
             export.save_savedmodel(args.export_savedmodel, config, variables)
             print(f"generator of {source} -> SavedModel {args.export_savedmodel}")
+        if args.export_onnx:
+            export.save_onnx(args.export_onnx, config, variables, step)
+            print(f"generator of {source} -> ONNX {args.export_onnx} "
+                  f"(and {args.export_onnx.with_suffix('.json')})")
         return
 
     key = jax.random.key(args.seed)

@@ -1,17 +1,22 @@
 """The trained generator on its own, as the original's `generator.h5` was.
 
-Two forms: a msgpack file of G's variables and config, which `sample.py` loads
-without Orbax or any optimizer state; and a TensorFlow SavedModel, through
-jax2tf, to serve the generator or convert it to TF.js or TFLite.
+Three forms: a msgpack file of G's variables and config, which `sample.py` loads
+without Orbax or any optimizer state; a TensorFlow SavedModel, through jax2tf,
+to serve the generator; and an ONNX model, through jax2onnx, for ONNX Runtime
+(in Python, or in a browser with onnxruntime-web: demo/).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
@@ -65,6 +70,15 @@ def load_msgpack(path: str | Path) -> tuple[Config, dict[str, Any], int]:
     return config, variables, step
 
 
+def inference(config: Config, variables: Any) -> Callable[..., jax.Array]:
+    """G's plain forward pass in inference mode (BatchNorm with its running statistics):
+    `f(noise)`, or `f(noise, labels)` for a conditional G, -> images in [-1, 1]."""
+    generator, _ = networks(config)
+    variables = jax.device_get(variables)
+    return lambda noise, *labels: generator.apply(variables, noise, train=False,
+                                                  labels=labels[0] if labels else None)
+
+
 def save_savedmodel(directory: str | Path, config: Config, variables: Any) -> Path:
     """Writes G as a SavedModel whose `generate(noise)` maps (N, latent_dim) noise to
     (N, 28, 28, 1) images in [-1, 1], for any N; a conditional G's is
@@ -72,17 +86,13 @@ def save_savedmodel(directory: str | Path, config: Config, variables: Any) -> Pa
     import tensorflow as tf
     from jax.experimental import jax2tf
 
-    generator, _ = networks(config)
-    variables = jax.device_get(variables)
     signature = [tf.TensorSpec([None, config.latent_dim], tf.float32, name="noise")]
     shapes = [f"(batch, {config.latent_dim})"]
     if config.conditional:
         signature.append(tf.TensorSpec([None], tf.int32, name="labels"))
         shapes.append("(batch,)")
-    generate = jax2tf.convert(
-        lambda noise, *labels: generator.apply(variables, noise, train=False,
-                                               labels=labels[0] if labels else None),
-        polymorphic_shapes=shapes, with_gradient=False)
+    generate = jax2tf.convert(inference(config, variables), polymorphic_shapes=shapes,
+                              with_gradient=False)
     module = tf.Module()
     module.generate = tf.function(generate, autograph=False, input_signature=signature)
 
@@ -94,3 +104,55 @@ def save_savedmodel(directory: str | Path, config: Config, variables: Any) -> Pa
             raise UserError(f"cannot write the SavedModel to {directory}: {e.message}") from None
 
     return replace_directory(directory, write)
+
+
+# jax2onnx declares orbax-checkpoint<0.11.37 and the libraries of its other front-ends, none of
+# which its converter imports: it is installed without them (requirements-onnx.txt).
+ONNX_INSTALL = ("pip install onnx onnx-ir onnxruntime && "
+                "pip install --no-deps -r requirements-onnx.txt")
+
+
+def onnx_description(config: Config, step: int) -> dict[str, Any]:
+    """What `save_onnx` writes beside the model: how to feed it, and which run it comes from."""
+    return {"format": "digitscape-onnx", "arch": config.arch, "conditional": config.conditional,
+            "latent_dim": config.latent_dim, "noise": config.spec.noise, "step": step}
+
+
+@contextlib.contextmanager
+def _quiet_converter() -> Iterator[None]:
+    """Hides the converter's routine warnings: jax2onnx logs a traceback for each of its
+    plugins for other libraries (Equinox, dm-pix) that are not installed."""
+    loggers = [logging.getLogger(name) for name in ("jax2onnx", "onnx_ir")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def save_onnx(path: str | Path, config: Config, variables: Any, step: int) -> Path:
+    """Writes G as an ONNX model that maps `noise` (N, latent_dim) float32 (and, for a
+    conditional G, `labels` (N,) int32) to `images` (N, 28, 28, 1) in [-1, 1], for any N;
+    and beside it, under the same name with `.json`, its `onnx_description`."""
+    path = Path(path)
+    try:
+        from jax2onnx import to_onnx
+    except ImportError:
+        raise UserError(f"the ONNX export needs jax2onnx: {ONNX_INSTALL}") from None
+    (batch,) = jax.export.symbolic_shape("N")
+    inputs = [jax.ShapeDtypeStruct((batch, config.latent_dim), jnp.float32)]
+    if config.conditional:
+        inputs.append(jax.ShapeDtypeStruct((batch,), jnp.int32))
+    with _quiet_converter():
+        model = to_onnx(inference(config, variables), inputs, model_name="digitscape_generator",
+                        input_names=["noise", "labels"][:len(inputs)], output_names=["images"])
+    # Shape hints on intermediate values are optional, and some of jax2onnx's are stale
+    # (NHWC where its layout pass made the tensor NCHW), which ONNX Runtime warns about.
+    del model.graph.value_info[:]
+    write_atomically(path, model.SerializeToString())
+    description = json.dumps(onnx_description(config, step), indent=2) + "\n"
+    write_atomically(path.with_suffix(".json"), description.encode())
+    return path
