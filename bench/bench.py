@@ -6,11 +6,11 @@ Run from the repository root, after `pip install -r requirements-bench.txt`:
     python bench/bench.py --archs dcgan --batches 256 --rounds 5 --json results.json
     python bench/bench.py --device gpu                      # jax and torch on the GPU
 
-What is timed is one full update of G and D as `digitscape_jax.steps.train_step` defines it:
-noise -> G, then D with dropout on the real batch and on the fakes (two calls), d_loss =
-(bce(real, 1) + bce(fake, 0)) / 2 and g_loss = bce(fake, 1), both gradients from that one forward
-pass, and an Adam step (eps 1e-7, with the learning rate and betas of `Config()`) on each
-network. Each framework backpropagates each loss only where it depends: d_loss into D, g_loss
+What is timed is one full update of G and D as `digitscape_jax.steps.train_step` defines it,
+with each arch's recipe (`Config(arch=...)`): noise -> G, then D (with dropout where the arch
+has it) on the real batch and on the fakes (two calls), d_loss = (bce(real, 1) + bce(fake, 0))
+/ 2 and g_loss = bce(fake, 1) (or the hinge losses), both gradients from that one forward
+pass, and an Adam step (eps 1e-7, with the arch's learning rates and betas) on each network. Each framework backpropagates each loss only where it depends: d_loss into D, g_loss
 through D's fake call into G. The "real" images are one fixed random batch in [-1, 1]: there is
 no input pipeline, only the step.
 
@@ -65,12 +65,10 @@ FRAMEWORKS = ("jax", "tf", "torch")
 
 # The settings of digitscape_jax.models (and its .layers) and .steps, repeated here so that
 # the tf and torch workers need not import JAX (which would count in their memory).
-CONFIG = Config()
-LATENT_DIM = CONFIG.latent_dim
+LATENT_DIM = Config().latent_dim
 LEAKY_SLOPE = 0.3
 BN_MOMENTUM = 0.99  # Keras/Flax semantics: running = momentum * running + (1 - momentum) * batch
 BN_EPSILON = 1e-3
-DROPOUT_RATE = 0.3
 ADAM_EPSILON = 1e-7
 KERNEL = 5
 SEED_SIZE = 7  # G's first feature map is 7x7; images are 28x28x1.
@@ -172,7 +170,16 @@ def build_jax(arch: str, batch: int, gpu: bool) -> Built:
     return Built(step, jax.__version__, f"{device.platform}:{device.device_kind}")
 
 
-def keras_models(spec: ArchSpec) -> tuple[keras.Sequential, keras.Sequential]:
+def peer_recipe(arch: str) -> Config:
+    """The arch's recipe, which the tf and torch workers reproduce: R1 and translation are
+    not written for them, so an arch that uses either is refused rather than timed without."""
+    config = Config(arch=arch)
+    if config.r1_gamma or config.translate:
+        raise SystemExit(f"{arch}: the tf and torch peers do not implement R1 or translation")
+    return config
+
+
+def keras_models(spec: ArchSpec, dropout: float) -> tuple[keras.Sequential, keras.Sequential]:
     """G and D as Keras Sequential models, layer for layer as in digitscape_jax.models."""
     import keras
     from keras import layers
@@ -197,14 +204,15 @@ def keras_models(spec: ArchSpec) -> tuple[keras.Sequential, keras.Sequential]:
     d_layers: list[keras.Layer] = []
     for channels in spec.d_channels:
         d_layers += [layers.Conv2D(channels, KERNEL, strides=2, padding="same"),
-                     layers.LeakyReLU(negative_slope=LEAKY_SLOPE), layers.Dropout(DROPOUT_RATE)]
+                     layers.LeakyReLU(negative_slope=LEAKY_SLOPE)]
+        d_layers += [layers.Dropout(dropout)] if dropout else []
     discriminator = keras.Sequential([
         keras.Input((IMAGE_SIZE, IMAGE_SIZE, 1)), *d_layers, layers.Flatten(), layers.Dense(1),
     ])
     return generator, discriminator
 
 
-def build_tf(spec: ArchSpec, batch: int) -> Built:
+def build_tf(arch: str, batch: int) -> Built:
     """Keras models and a `@tf.function` step with one persistent GradientTape, on the CPU."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
@@ -212,9 +220,11 @@ def build_tf(spec: ArchSpec, batch: int) -> Built:
 
     tf.config.set_visible_devices([], "GPU")
     keras.utils.set_random_seed(0)
-    generator, discriminator = keras_models(spec)
-    g_opt, d_opt = (keras.optimizers.Adam(CONFIG.learning_rate, CONFIG.beta1, CONFIG.beta2,
-                                          epsilon=ADAM_EPSILON) for _ in range(2))
+    config = peer_recipe(arch)
+    spec = config.spec
+    generator, discriminator = keras_models(spec, config.d_dropout)
+    g_opt, d_opt = (keras.optimizers.Adam(lr, config.beta1, config.beta2, epsilon=ADAM_EPSILON)
+                    for lr in (config.learning_rate, config.learning_rate * config.d_lr_scale))
     g_opt.build(generator.trainable_variables)
     d_opt.build(discriminator.trainable_variables)
     sample_noise = tf.random.uniform if spec.noise == "uniform" else tf.random.normal
@@ -231,8 +241,13 @@ def build_tf(spec: ArchSpec, batch: int) -> Built:
             fake = generator(noise, training=True)
             real_logits = discriminator(real, training=True)[:, 0]
             fake_logits = discriminator(fake, training=True)[:, 0]
-            d_loss = (bce(real_logits, 1.0) + bce(fake_logits, 0.0)) / 2
-            g_loss = bce(fake_logits, 1.0)
+            if config.loss == "hinge":
+                d_loss = (tf.reduce_mean(tf.nn.relu(1.0 - real_logits))
+                          + tf.reduce_mean(tf.nn.relu(1.0 + fake_logits))) / 2
+                g_loss = -tf.reduce_mean(fake_logits)
+            else:
+                d_loss = (bce(real_logits, 1.0) + bce(fake_logits, 0.0)) / 2
+                g_loss = bce(fake_logits, 1.0)
         d_grads = tape.gradient(d_loss, discriminator.trainable_variables)
         g_grads = tape.gradient(g_loss, generator.trainable_variables)
         d_opt.apply_gradients(zip(d_grads, discriminator.trainable_variables))
@@ -242,7 +257,7 @@ def build_tf(spec: ArchSpec, batch: int) -> Built:
     return Built(lambda: float(train_step(images)), tf.__version__, "cpu")
 
 
-def torch_models(spec: ArchSpec) -> tuple[torch.nn.Sequential, torch.nn.Sequential]:
+def torch_models(spec: ArchSpec, dropout: float) -> tuple[torch.nn.Sequential, torch.nn.Sequential]:
     """G and D as `nn.Sequential`, NCHW, with Keras's BatchNorm, slopes and glorot_uniform."""
     from torch import nn
 
@@ -265,11 +280,10 @@ def torch_models(spec: ArchSpec) -> tuple[torch.nn.Sequential, torch.nn.Sequenti
         conv_transpose(c2, 1, 2), nn.Tanh(),
     )
     d1, d2 = spec.d_channels
+    dropped = [nn.Dropout(dropout)] if dropout else []
     discriminator = nn.Sequential(
-        nn.Conv2d(1, d1, KERNEL, 2, padding=KERNEL // 2), nn.LeakyReLU(LEAKY_SLOPE),
-        nn.Dropout(DROPOUT_RATE),
-        nn.Conv2d(d1, d2, KERNEL, 2, padding=KERNEL // 2), nn.LeakyReLU(LEAKY_SLOPE),
-        nn.Dropout(DROPOUT_RATE),
+        nn.Conv2d(1, d1, KERNEL, 2, padding=KERNEL // 2), nn.LeakyReLU(LEAKY_SLOPE), *dropped,
+        nn.Conv2d(d1, d2, KERNEL, 2, padding=KERNEL // 2), nn.LeakyReLU(LEAKY_SLOPE), *dropped,
         nn.Flatten(), nn.Linear((IMAGE_SIZE // 4) ** 2 * d2, 1),
     )
     for module in [*generator, *discriminator]:
@@ -280,7 +294,7 @@ def torch_models(spec: ArchSpec) -> tuple[torch.nn.Sequential, torch.nn.Sequenti
     return generator, discriminator
 
 
-def build_torch(spec: ArchSpec, batch: int, gpu: bool, threads: int, compile_models: bool) -> Built:
+def build_torch(arch: str, batch: int, gpu: bool, threads: int, compile_models: bool) -> Built:
     """Eager PyTorch: one forward pass, both gradients by `torch.autograd.grad`, two Adams."""
     import torch
     import torch.nn.functional as F
@@ -290,10 +304,14 @@ def build_torch(spec: ArchSpec, batch: int, gpu: bool, threads: int, compile_mod
     if gpu and not torch.cuda.is_available():
         raise SystemExit("torch sees no CUDA device")
     device = torch.device("cuda" if gpu else "cpu")
-    generator, discriminator = (model.to(device) for model in torch_models(spec))
+    config = peer_recipe(arch)
+    spec = config.spec
+    generator, discriminator = (model.to(device)
+                                for model in torch_models(spec, config.d_dropout))
     g_params, d_params = list(generator.parameters()), list(discriminator.parameters())
-    g_opt, d_opt = (torch.optim.Adam(params, CONFIG.learning_rate, (CONFIG.beta1, CONFIG.beta2),
-                                     eps=ADAM_EPSILON) for params in (g_params, d_params))
+    g_opt, d_opt = (torch.optim.Adam(params, lr, (config.beta1, config.beta2), eps=ADAM_EPSILON)
+                    for params, lr in ((g_params, config.learning_rate),
+                                       (d_params, config.learning_rate * config.d_lr_scale)))
     if compile_models:
         # The d_loss gradient retains the graph: compiled backwards must not donate buffers.
         torch._functorch.config.donated_buffer = False
@@ -307,8 +325,12 @@ def build_torch(spec: ArchSpec, batch: int, gpu: bool, threads: int, compile_mod
     def step() -> float:
         fake = generator(sample_noise(batch, LATENT_DIM, device=device))
         real_logits, fake_logits = discriminator(images)[:, 0], discriminator(fake)[:, 0]
-        d_loss = (bce(real_logits, 1.0) + bce(fake_logits, 0.0)) / 2
-        g_loss = bce(fake_logits, 1.0)
+        if config.loss == "hinge":
+            d_loss = (F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean()) / 2
+            g_loss = -fake_logits.mean()
+        else:
+            d_loss = (bce(real_logits, 1.0) + bce(fake_logits, 0.0)) / 2
+            g_loss = bce(fake_logits, 1.0)
         d_grads = torch.autograd.grad(d_loss, d_params, retain_graph=True)
         g_grads = torch.autograd.grad(g_loss, g_params)
         for params, grads, opt in ((d_params, d_grads, d_opt), (g_params, g_grads, g_opt)):
@@ -326,8 +348,8 @@ def build(args: argparse.Namespace) -> Built:
     if args.worker == "jax":
         return build_jax(args.arch, args.batch, gpu)
     if args.worker == "tf":
-        return build_tf(ARCHS[args.arch], args.batch)
-    return build_torch(ARCHS[args.arch], args.batch, gpu, args.torch_threads, args.torch_compile)
+        return build_tf(args.arch, args.batch)
+    return build_torch(args.arch, args.batch, gpu, args.torch_threads, args.torch_compile)
 
 
 def timed(step: Callable[[], float]) -> tuple[float, float]:

@@ -19,6 +19,7 @@ from typing import Any, Literal
 from digitscape_jax.errors import UserError
 
 NoiseKind = Literal["uniform", "normal"]
+LOSSES = ("bce", "hinge")
 # Compute dtypes of the forward and backward passes; params, optimizer state,
 # BatchNorm statistics and losses are float32 under either.
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -26,12 +27,13 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 
 @dataclasses.dataclass(frozen=True)
 class ArchSpec:
-    """Widths and defaults of one DCGAN variant.
+    """Widths and training recipe of one DCGAN variant.
 
     The generator maps noise to a 7x7 map with `g_dense_channels` channels, then
     runs transposed convolutions with `g_conv_channels` (strides 1, 2) and a
     final stride-2 one to a single channel. The discriminator has one stride-2
-    convolution per entry of `d_channels`.
+    convolution per entry of `d_channels`. The fields from `batch_size` on are
+    the defaults of the Config fields of the same names.
     """
 
     g_dense_channels: int
@@ -39,8 +41,15 @@ class ArchSpec:
     d_channels: tuple[int, int]
     noise: NoiseKind
     batch_size: int
-    learning_rate: float  # Adam's, for G and D
+    learning_rate: float  # Adam's, for G; D's is d_lr_scale times this
     beta1: float
+    beta2: float = 0.999
+    d_lr_scale: float = 1.0
+    loss: str = "bce"
+    r1_gamma: float = 0.0
+    r1_every: int = 4
+    d_dropout: float = 0.3
+    translate: int = 0
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -82,6 +91,7 @@ class Bound:
 
 POSITIVE = Bound(lambda v: v > 0, "positive", "a positive integer")
 NON_NEGATIVE = Bound(lambda v: v >= 0, ">= 0", "an integer >= 0")
+NON_NEGATIVE_FINITE = Bound(lambda v: 0.0 <= v < math.inf, ">= 0 and finite", "a number >= 0")
 POSITIVE_FINITE = Bound(lambda v: 0.0 < v < math.inf, "positive and finite", "a positive number")
 UNIT_INTERVAL = Bound(lambda v: 0.0 <= v < 1.0, "in [0, 1)", "a number in [0, 1)")
 # A JAX key (without 64-bit mode) holds 32 bits of seed: more would collide.
@@ -109,7 +119,8 @@ def setting(default: Any, help: str, *, bound: Bound | None = None,
 
 
 def _arch_defaults(name: str) -> str:
-    return ", ".join(f"{arch} {getattr(spec, name):g}" for arch, spec in ARCHS.items())
+    return ", ".join(f"{arch} {value:g}" if isinstance(value := getattr(spec, name), float | int)
+                     else f"{arch} {value}" for arch, spec in ARCHS.items())
 
 
 class ConfigError(UserError):
@@ -124,9 +135,8 @@ class ConfigError(UserError):
 class Config:
     """Everything that defines a training run.
 
-    `batch_size`, `learning_rate` and `beta1` left as None take the arch's values
-    (`ArchSpec`), so `Config(arch="seed")` is the original's run; after construction
-    they always hold numbers.
+    Fields left as None take the arch's values (`ArchSpec`), so `Config(arch="seed")`
+    is the original's run; after construction they always hold values.
     """
 
     steps: int = setting(20_000, "total number of updates (of both G and D) to train to",
@@ -139,12 +149,35 @@ class Config:
                                 "onto its features", role="model")
     batch_size: int | None = setting(None, "images per update; default: the arch's "
                                      f"({_arch_defaults('batch_size')})", bound=POSITIVE)
-    learning_rate: float | None = setting(None, "Adam learning rate of both G and D; default: "
+    learning_rate: float | None = setting(None, "Adam learning rate of G (and of D, times "
+                                          "--d-lr-scale); default: "
                                           f"the arch's ({_arch_defaults('learning_rate')})",
                                           bound=POSITIVE_FINITE, flag="lr")
     beta1: float | None = setting(None, "Adam beta1; default: the arch's "
                                   f"({_arch_defaults('beta1')})", bound=UNIT_INTERVAL)
-    beta2: float = setting(0.999, "Adam beta2", bound=UNIT_INTERVAL)
+    beta2: float | None = setting(None, "Adam beta2; default: the arch's "
+                                  f"({_arch_defaults('beta2')})", bound=UNIT_INTERVAL)
+    d_lr_scale: float | None = setting(None, "D's Adam learning rate as a multiple of --lr "
+                                       "(the two time-scale update rule); default: the arch's "
+                                       f"({_arch_defaults('d_lr_scale')})",
+                                       bound=POSITIVE_FINITE)
+    loss: str | None = setting(None, "'bce': non-saturating binary cross-entropy; 'hinge': "
+                               "hinge loss for D, -D(G(z)) for G; default: the arch's "
+                               f"({_arch_defaults('loss')})", choices=lambda: list(LOSSES))
+    r1_gamma: float | None = setting(None, "weight of the R1 penalty, gamma/2 times D's squared "
+                                     "gradient norm on real digits (0: none); default: the "
+                                     f"arch's ({_arch_defaults('r1_gamma')})",
+                                     bound=NON_NEGATIVE_FINITE)
+    r1_every: int | None = setting(None, "steps between R1 penalties (lazy regularisation, "
+                                   "weighted by this to match an every-step penalty); default: "
+                                   f"the arch's ({_arch_defaults('r1_every')})", bound=POSITIVE)
+    d_dropout: float | None = setting(None, "dropout rate after each of D's convolutions; "
+                                      f"default: the arch's ({_arch_defaults('d_dropout')})",
+                                      bound=UNIT_INTERVAL)
+    translate: int | None = setting(None, "shift every digit D sees, real and fake, by up to "
+                                    "this many pixels each way (DiffAugment's translation; 0: "
+                                    f"none); default: the arch's ({_arch_defaults('translate')})",
+                                    bound=NON_NEGATIVE)
     ema_decay: float = setting(0.999, "decay of the moving average of G's weights that sampling "
                                "uses (0: no averaging)", bound=UNIT_INTERVAL)
     latent_dim: int = setting(100, "size of the generator's noise input", bound=POSITIVE,
@@ -179,9 +212,9 @@ class Config:
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise ConfigError("arch", f"unknown arch {self.arch!r}; choose one of {sorted(ARCHS)}")
-        for name in ("batch_size", "learning_rate", "beta1"):
-            if getattr(self, name) is None:
-                object.__setattr__(self, name, getattr(self.spec, name))
+        for field in dataclasses.fields(self):
+            if getattr(self, field.name) is None:
+                object.__setattr__(self, field.name, getattr(self.spec, field.name))
         for field in dataclasses.fields(self):
             value, bound, choices = (getattr(self, field.name), field.metadata["bound"],
                                      field.metadata["choices"])

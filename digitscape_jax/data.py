@@ -137,12 +137,25 @@ def prepare_mnist(data_dir: str | None = None, mnist_idx: str | None = None) -> 
         )
 
 
-def load_split(split: str, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """A prepared split, whole and in tfds's order: images uint8 (N, 28, 28, 1), labels (N,)."""
+def load_split(split: str, data_dir: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A prepared split, whole and in tfds's order: images uint8 (N, 28, 28, 1), labels (N,).
+
+    Read-only, and read once per process and data dir: decoding the training split's
+    60,000 PNGs takes seconds, which a notebook that trains again (or a test suite) would
+    otherwise pay on every run.
+    """
+    return _load_split(split, None if data_dir is None else str(Path(data_dir).resolve()))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_split(split: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
     dataset = tfds.load("mnist", split=split, data_dir=data_dir, download=False,
                         as_supervised=True)
     chunks = list(tfds.as_numpy(dataset.batch(LOAD_CHUNK)))
-    return np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
+    arrays = np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
+    for array in arrays:
+        array.flags.writeable = False
+    return arrays
 
 
 def load_mnist(data_dir: str | None = None, mnist_idx: str | None = None

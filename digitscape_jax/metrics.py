@@ -45,9 +45,10 @@ class MetricsLog:
 # evaluation shows as its own name, with 4 significant digits.
 DISPLAY = {"d_loss": ("d_loss", "{:.4f}"), "g_loss": ("g_loss", "{:.4f}"),
            "d_real": ("D(x)", "{:.3f}"), "d_fake": ("D(G(z))", "{:.3f}"),
-           "fd": ("FD", "{:.2f}"), "is": ("IS", "{:.2f}"), "label_accuracy": ("label acc", "{:.3f}")}
-# Fields of a metrics.jsonl record that are not metrics of the model.
-BOOKKEEPING = ("step", "steps_per_s")
+           "r1": ("R1", "{:.4f}"), "fd": ("FD", "{:.2f}"), "is": ("IS", "{:.2f}"), "label_accuracy": ("label acc", "{:.3f}")}
+# Fields of a metrics.jsonl record that are not metrics of the model. wall_s: seconds since
+# the run began (data loading, compilation and evaluations included), over all its resumes.
+BOOKKEEPING = ("step", "steps_per_s", "wall_s")
 
 
 def label(name: str) -> str:

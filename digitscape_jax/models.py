@@ -19,7 +19,6 @@ from digitscape_jax.layers import Conv, ConvTranspose, Dropout, glorot_uniform
 LEAKY_SLOPE = 0.3
 BN_MOMENTUM = 0.99
 BN_EPSILON = 1e-3
-DROPOUT_RATE = 0.3
 
 IMAGE_SHAPE = (28, 28, 1)
 SEED_SIZE = 7  # The generator's first feature map is SEED_SIZE x SEED_SIZE.
@@ -77,17 +76,21 @@ class Discriminator(nn.Module):
 
     With `num_classes`, a projection discriminator (Miyato & Koyama, 2018): the
     logit adds the inner product of the features with an embedding of `labels`.
+    `dropout_rate` 0 leaves dropout out.
     """
 
     spec: ArchSpec
     dtype: Any = jnp.float32
     num_classes: int = 0
+    dropout_rate: float = 0.3  # Keras Digitscape's
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool, labels: jax.Array | None = None) -> jax.Array:
         for channels in self.spec.d_channels:
             x = Conv(channels, strides=2, dtype=self.dtype)(x)
-            x = Dropout(DROPOUT_RATE)(leaky_relu(x), deterministic=not train)
+            x = leaky_relu(x)
+            if self.dropout_rate:
+                x = Dropout(self.dropout_rate)(x, deterministic=not train)
         x = x.reshape(x.shape[0], -1)
         logits = nn.Dense(1, kernel_init=glorot_uniform, dtype=self.dtype)(x).astype(jnp.float32)
         if self.num_classes:
@@ -99,4 +102,5 @@ class Discriminator(nn.Module):
 def networks(config: Config, dtype: Any = jnp.float32) -> tuple[Generator, Discriminator]:
     """G and D of `config`'s arch, label-conditional when it says so, computing in `dtype`."""
     classes = NUM_CLASSES if config.conditional else 0
-    return (Generator(config.spec, dtype, classes), Discriminator(config.spec, dtype, classes))
+    return (Generator(config.spec, dtype, classes),
+            Discriminator(config.spec, dtype, classes, config.d_dropout))

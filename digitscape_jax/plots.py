@@ -102,3 +102,25 @@ def plot_metrics(records: list[dict], path: str | Path) -> Path:
         return _write_encoded(path, lambda out: fig.savefig(out, format="png", dpi=100))
     finally:
         plt.close(fig)
+
+
+def plot_fd_over_time(runs: dict[str, list[dict]], path: str | Path,
+                      title: str = "FD against wall-clock time") -> Path:
+    """FD against wall-clock minutes, a line per run, from each run's metrics.jsonl records
+    that hold both `fd` and `wall_s`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), constrained_layout=True)
+    for name, records in runs.items():
+        points = [(r["wall_s"] / 60, r["fd"]) for r in records if "fd" in r and "wall_s" in r]
+        ax.plot(*zip(*points), marker="o", markersize=3, label=name)
+    ax.set(xlabel="wall-clock minutes", ylabel="FD (lower is better)", yscale="log", title=title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    try:
+        return _write_encoded(path, lambda out: fig.savefig(out, format="png", dpi=120))
+    finally:
+        plt.close(fig)

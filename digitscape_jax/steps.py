@@ -12,6 +12,7 @@ import optax
 from flax.training import train_state
 
 from digitscape_jax.config import Config
+from digitscape_jax.losses import discriminator_loss, generator_loss, r1_penalty, translate
 from digitscape_jax.models import IMAGE_SHAPE, networks, sample_noise
 
 # Keras's Adam epsilon; optax's default is 1e-8.
@@ -39,23 +40,36 @@ class GeneratorState(train_state.TrainState):
 
 
 def create_states(config: Config, key: jax.Array) -> tuple[GeneratorState, train_state.TrainState]:
-    """Freshly initialised G and D states, each with its own Adam."""
+    """Freshly initialised G and D states, each with its own Adam.
+
+    Compiled as one program: run op by op, the initialisation took longer than
+    compiling and running the first update.
+    """
+    return _jit_create_states(config)(key)
+
+
+@functools.cache
+def _jit_create_states(config: Config) -> Callable[[jax.Array], Any]:
+    return jax.jit(functools.partial(_create_states, config))
+
+
+def _create_states(config: Config, key: jax.Array) -> tuple[GeneratorState, train_state.TrainState]:
     g_key, d_key = jax.random.split(key)
     generator, discriminator = networks(config, jnp.dtype(config.dtype))
     labels = jnp.zeros((1,), jnp.int32)  # Used by conditional networks only.
     g_vars = generator.init(g_key, jnp.zeros((1, config.latent_dim)), train=False, labels=labels)
     d_vars = discriminator.init(d_key, jnp.zeros((1, *IMAGE_SHAPE)), train=False, labels=labels)
 
-    def adam() -> optax.GradientTransformation:
-        return optax.adam(config.learning_rate, config.beta1, config.beta2, eps=ADAM_EPSILON)
+    def adam(learning_rate: float) -> optax.GradientTransformation:
+        return optax.adam(learning_rate, config.beta1, config.beta2, eps=ADAM_EPSILON)
 
     g_state = GeneratorState.create(
-        apply_fn=generator.apply, params=g_vars["params"], tx=adam(),
+        apply_fn=generator.apply, params=g_vars["params"], tx=adam(config.learning_rate),
         batch_stats=g_vars["batch_stats"],
         ema_params=jax.tree.map(jnp.copy, g_vars["params"]),  # its own buffers, to donate
     )
     d_state = train_state.TrainState.create(
-        apply_fn=discriminator.apply, params=d_vars["params"], tx=adam()
+        apply_fn=discriminator.apply, params=d_vars["params"], tx=adam(config.learning_rate * config.d_lr_scale)
     )
     return g_state, d_state
 
@@ -71,10 +85,6 @@ def abstract_states(config: Config, sharding: jax.sharding.Sharding | None = Non
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
 
 
-def bce_with_logits(logits: jax.Array, label: float) -> jax.Array:
-    return optax.sigmoid_binary_cross_entropy(logits, jnp.full_like(logits, label)).mean()
-
-
 def train_step(
     g_state: GeneratorState,
     d_state: train_state.TrainState,
@@ -86,27 +96,32 @@ def train_step(
 ) -> tuple[GeneratorState, train_state.TrainState, Metrics]:
     """One GAN update: a single forward pass, both gradients, both applied together.
 
-    `key` is the run's key; the step's randomness (noise and dropout) is folded
-    in from `g_state.step`, so it is a pure function of (seed, step). A
-    conditional G draws fakes of the real batch's `labels`, so D sees both
+    `key` is the run's key; the step's randomness (noise, dropout, translations)
+    is folded in from `g_state.step`, so it is a pure function of (seed, step).
+    A conditional G draws fakes of the real batch's `labels`, so D sees both
     halves with the same classes; an unconditional one ignores them.
 
     D scores the real and the fake batch in two calls (it has no batch
     statistics), so that each loss backpropagates only where it depends:
-    d_loss into D's params, g_loss through D's fake half alone into G.
+    d_loss into D's params, g_loss through D's fake half alone into G. Every
+    `config.r1_every`-th step (counting from 1) also adds the R1 penalty's
+    gradient, weighted by `r1_every` so that its average matches an every-step one.
     """
     if config.conditional and labels is None:
         raise ValueError("a conditional model trains on labelled batches")
-    noise_key, dropout_key = jax.random.split(jax.random.fold_in(key, g_state.step))
+    step_key = jax.random.fold_in(key, g_state.step)
+    noise_key, dropout_key = jax.random.split(step_key)
     real_key, fake_key = jax.random.split(dropout_key)
+    real_shift_key, fake_shift_key = jax.random.split(jax.random.fold_in(step_key, 1))
     noise = sample_noise(noise_key, config.spec.noise, (images.shape[0], config.latent_dim))
+    images = translate(real_shift_key, images, config.translate)
 
     def generate(g_params):
         fake, updates = g_state.apply_fn(
             {"params": g_params, "batch_stats": g_state.batch_stats},
             noise, train=True, labels=labels, mutable=["batch_stats"],
         )
-        return fake, updates["batch_stats"]
+        return translate(fake_shift_key, fake, config.translate), updates["batch_stats"]
 
     def discriminate(d_params, batch, dropout_key):
         return d_state.apply_fn({"params": d_params}, batch, train=True, labels=labels,
@@ -118,29 +133,47 @@ def train_step(
     fake_logits, fake_backward = jax.vjp(
         lambda d_params, fake: discriminate(d_params, fake, fake_key), d_state.params, fake)
 
-    def discriminator_loss(real_logits, fake_logits):
-        return (bce_with_logits(real_logits, 1.0) + bce_with_logits(fake_logits, 0.0)) / 2
-
-    def generator_loss(fake_logits):
-        return bce_with_logits(fake_logits, 1.0)
-
     d_loss, (real_cotangent, fake_cotangent) = jax.value_and_grad(
-        discriminator_loss, argnums=(0, 1))(real_logits, fake_logits)
-    g_loss, g_cotangent = jax.value_and_grad(generator_loss)(fake_logits)
+        discriminator_loss, argnums=(0, 1))(real_logits, fake_logits, config.loss)
+    g_loss, g_cotangent = jax.value_and_grad(generator_loss)(fake_logits, config.loss)
     (d_grads,) = real_backward(real_cotangent)
     d_grads = jax.tree.map(jnp.add, d_grads, fake_backward(fake_cotangent)[0])
     (g_grads,) = g_backward(fake_backward(g_cotangent)[1])
+    extra_metrics = {}
+    if config.r1_gamma:
+        r1, d_grads = _add_r1(d_state.params, d_grads, g_state.step, config,
+                              lambda d_params, x: discriminate(d_params, x, real_key), images)
+        extra_metrics["r1"] = r1
     metrics = {
         "d_loss": d_loss,
         "g_loss": g_loss,
         "d_real": jax.nn.sigmoid(real_logits).mean(),  # D(x)
         "d_fake": jax.nn.sigmoid(fake_logits).mean(),  # D(G(z))
+        **extra_metrics,
     }
     g_state = g_state.apply_gradients(grads=g_grads, batch_stats=batch_stats)
     g_state = g_state.replace(ema_params=update_ema(g_state.ema_params, g_state.params,
                                                     config.ema_decay, g_state.step))
     d_state = d_state.apply_gradients(grads=d_grads)
     return g_state, d_state, metrics
+
+
+def _add_r1(d_params: Any, d_grads: Any, step: jax.Array, config: Config,
+            discriminate: Callable[[Any, jax.Array], jax.Array], real: jax.Array
+            ) -> tuple[jax.Array, Any]:
+    """(R1 penalty, d_grads plus its weighted gradient) on R1 steps; (0, d_grads) on others,
+    where the branch costs nothing (`lax.cond` runs only the branch taken)."""
+    weight = config.r1_gamma / 2 * config.r1_every
+
+    def with_penalty(d_params):
+        r1, grads = jax.value_and_grad(
+            lambda p: r1_penalty(lambda x: discriminate(p, x), real))(d_params)
+        return r1, jax.tree.map(lambda g, r: g + weight * r, d_grads, grads)
+
+    if config.r1_every == 1:
+        return with_penalty(d_params)
+    return jax.lax.cond((step + 1) % config.r1_every == 0, with_penalty,
+                        lambda _: (jnp.zeros((), jnp.float32), d_grads), d_params)
 
 
 def update_ema(average: Any, params: Any, decay: float, step: jax.Array) -> Any:

@@ -68,6 +68,7 @@ class RunKeys:
 
 def _train(config: Config, paths: RunPaths, stream: TextIO, warn: Callable[[str], None],
            stop: StopRequest) -> int:
+    began = time.perf_counter()
     mesh = parallel.data_parallel_mesh(config.batch_size)
     replicated = parallel.replicated(mesh)
     ckpt = Checkpointer(paths.ckpt_dir)
@@ -85,6 +86,8 @@ def _train(config: Config, paths: RunPaths, stream: TextIO, warn: Callable[[str]
     progress = Progress(start, config.steps, stream)
     if outputs.primary:
         outputs.metrics.truncate_after(start)  # Records past the checkpoint are logged again.
+    earlier = outputs.metrics.read() if outputs.primary and start else []
+    wall_before = earlier[-1].get("wall_s", 0.0) if earlier else 0.0  # of the runs resumed
     if states is None:
         g_state, d_state = jax.device_put(create_states(config, keys.init), replicated)
         if outputs.primary:
@@ -99,7 +102,8 @@ def _train(config: Config, paths: RunPaths, stream: TextIO, warn: Callable[[str]
     plan = list(schedule.call_plan(start, config.steps_per_call))
     step_fns = {1: jit_train_step(config),
                 config.steps_per_call: jit_train_step(config, steps_per_call=config.steps_per_call)}
-    actions = _Actions(config, paths, ckpt, outputs, progress, evaluator, keys.eval, start)
+    actions = _Actions(config, paths, ckpt, outputs, progress, evaluator, keys.eval, start,
+                       lambda: wall_before + time.perf_counter() - began)
     batches = _batches(config, mesh, images, labels, start, plan)
     call_ends = list(itertools.accumulate(plan, initial=start))[1:]  # Each call's last step.
     stop.step, in_flight = call_ends[0], None
@@ -175,8 +179,10 @@ class _Actions:
 
     def __init__(self, config: Config, paths: RunPaths, ckpt: Checkpointer,
                  outputs: RunOutputs, progress: Progress, evaluator: Evaluator | None,
-                 eval_key: jax.Array, start: int):
+                 eval_key: jax.Array, start: int, wall_s: Callable[[], float]):
+        """`wall_s` tells the run's wall time so far, the runs it resumed included."""
         self.config, self.paths, self.ckpt, self.outputs = config, paths, ckpt, outputs
+        self.wall_s = wall_s
         self.progress, self.evaluator, self.eval_key = progress, evaluator, eval_key
         self.timer = _StepTimer(start, progress)
         self.last_finite = start
@@ -201,7 +207,8 @@ class _Actions:
             self.logged |= during_training(self.evaluator, self.config,
                                            jax.device_get(g_state.ema_variables), self.eval_key,
                                            self.config.eval_samples)
-        self.outputs.log({"step": step, "steps_per_s": steps_per_s, **self.logged})
+        self.outputs.log({"step": step, "steps_per_s": steps_per_s,
+                          "wall_s": round(self.wall_s(), 1), **self.logged})
         self.progress.report(step, steps_per_s, self.logged)
 
     def check_finite(self, step: int, tree: Any) -> None:

@@ -33,7 +33,7 @@ def test_train_writes_every_output(trained_run):
         assert row.size == grid_size(1, 10) and row.mode == "L"
     records = [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [10, 20, 30]
-    losses = {"step", "steps_per_s", "d_loss", "g_loss", "d_real", "d_fake"}
+    losses = {"step", "steps_per_s", "wall_s", "d_loss", "g_loss", "d_real", "d_fake"}
     for r in records:  # Sample quality at --eval-every 20, and at the end.
         assert set(r) == (losses | {"fd", "is"} if r["step"] in (20, 30) else losses)
         assert 0 < r["d_real"] < 1 and 0 < r["d_fake"] < 1 and r["d_loss"] > 0
@@ -53,13 +53,13 @@ def test_real_images_are_the_first_ten_training_digits(trained_run):
         np.testing.assert_array_equal(tile, images[i, ..., 0])
 
 
-def test_sample_rebuilds_the_generator_from_the_checkpoint_alone(trained_run):
-    workdir, _ = trained_run
-    result = run_script("sample.py", "--ckpt", "ckpt", "--n", "50", "--npz", "s.npz", cwd=workdir)
-    assert result.returncode == 0, result.stderr
-    assert "step 30" in result.stdout
-    assert Image.open(workdir / "samples.png").size == grid_size(7, 8)
-    with np.load(workdir / "s.npz") as f:
+def test_sample_rebuilds_the_generator_from_the_checkpoint_alone(trained_run, tmp_path, capsys):
+    ckpt = shutil.copytree(trained_run[0] / "ckpt", tmp_path / "ckpt")
+    assert cli.run(sample.main, ["--ckpt", str(ckpt), "--n", "50", "--npz", str(tmp_path / "s.npz"),
+                                 "--out", str(tmp_path / "samples.png")]) == 0
+    assert "step 30" in capsys.readouterr().out
+    assert Image.open(tmp_path / "samples.png").size == grid_size(7, 8)
+    with np.load(tmp_path / "s.npz") as f:
         images = f["images"]
     assert images.shape == (50, 28, 28) and images.dtype == np.uint8
     assert images.std() > 0  # digits, not a constant
@@ -82,14 +82,16 @@ def test_sample_is_reproducible_and_picks_steps(trained_run, tmp_path):
     assert not np.array_equal(first, draw("--n", "1200", "--seed", "3", "--step", "10"))
 
 
-def test_rerun_resumes_and_trains_up_to_steps(trained_run, tmp_path):
+def test_rerun_resumes_and_trains_up_to_steps(trained_run, tmp_path, capsys):
     workdir, _ = trained_run
     shutil.copytree(workdir / "ckpt", tmp_path / "ckpt")
-    result = run_script("train.py", *TRAIN_FLAGS[:2], "--eval-every", "0", "--steps", "40", "--log-every", "10",
-                        "--data-dir", workdir / "tfds", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "resuming" in result.stdout and "from step 30" in result.stdout
-    assert "step 40/40" in result.stdout and "step 10/" not in result.stdout
+    assert cli.run(train.main, [*TRAIN_FLAGS[:2], "--eval-every", "0", "--steps", "40",
+                                "--log-every", "10", "--data-dir", str(workdir / "tfds"),
+                                "--ckpt-dir", str(tmp_path / "ckpt"),
+                                "--samples-dir", str(tmp_path / "generated_images")]) == 0
+    out = capsys.readouterr().out
+    assert "resuming" in out and "from step 30" in out
+    assert "step 40/40" in out and "step 10/" not in out
     steps = sorted(int(p.name) for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit())
     assert steps == [20, 30, 40]  # the last 3 are kept
     records = [json.loads(line) for line in (tmp_path / "ckpt" / "metrics.jsonl").open()]

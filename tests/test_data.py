@@ -88,9 +88,22 @@ def test_reachability_check_answers_for_a_closed_port():
 
 @pytest.fixture
 def mock_mnist():
+    data._load_split.cache_clear()  # what load_split keeps must not outlive the mock
     with tfds.testing.mock_data(num_examples=100):
         images, labels = data.load_split("train")
+    data._load_split.cache_clear()
     return images, labels
+
+
+def test_a_split_is_read_once_and_read_only(tmp_path):
+    data._load_split.cache_clear()
+    with tfds.testing.mock_data(num_examples=20):
+        first = data.load_split("train", tmp_path)
+        again = data.load_split("train", str(tmp_path / "."))
+    data._load_split.cache_clear()
+    assert again[0] is first[0] and again[1] is first[1]
+    with pytest.raises(ValueError, match="read-only"):
+        first[0][0, 0, 0, 0] = 1
 
 
 def batches(images, batch_size, seed, start_step, count, labels=None):

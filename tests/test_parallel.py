@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import socket
@@ -14,11 +16,13 @@ import numpy as np
 import pytest
 
 from conftest import REPO, run_script
+from digitscape_jax import cli
 from digitscape_jax.checkpointing import Checkpointer
 from digitscape_jax.config import Config
 from digitscape_jax.steps import abstract_states
 from test_cli import flag_error
 
+import sample
 import train
 
 STEPS = 10
@@ -60,9 +64,12 @@ def one_device_run(tmp_path_factory, trained_run) -> tuple[Path, Path]:
     """The reference: FLAGS on one device. Returns (its ckpt dir, the prepared tfds dir)."""
     workdir = tmp_path_factory.mktemp("one_device")
     data_dir = trained_run[0] / "tfds"
-    result = run_script("train.py", *FLAGS, "--data-dir", data_dir, cwd=workdir, env=host_devices(1))
-    assert result.returncode == 0, result.stderr
-    assert "devices: 1 x cpu" in result.stdout and "compute dtype float32" in result.stdout
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):  # in this process, which has one device
+        assert cli.run(train.main, [*map(str, FLAGS), "--data-dir", str(data_dir), "--ckpt-dir",
+                                    str(workdir / "ckpt"), "--samples-dir",
+                                    str(workdir / "samples")]) == 0
+    assert "devices: 1 x cpu" in out.getvalue() and "compute dtype float32" in out.getvalue()
     return workdir / "ckpt", data_dir
 
 
@@ -117,9 +124,8 @@ def test_two_processes_train_one_model(tmp_path, one_device_run):
     assert "step" not in secondary and "done" not in secondary  # Only process 0 reports.
     assert_same_run(tmp_path / "ckpt", reference)
 
-    sampled = run_script("sample.py", "--ckpt", tmp_path / "ckpt", "--out", tmp_path / "s.png",
-                         cwd=tmp_path)
-    assert sampled.returncode == 0, sampled.stderr
+    assert cli.run(sample.main, ["--ckpt", str(tmp_path / "ckpt"), "--out",
+                                 str(tmp_path / "s.png")]) == 0
     assert (tmp_path / "s.png").is_file()
 
 

@@ -67,11 +67,11 @@ def test_stacked_batches_keep_the_order():
 
 def test_a_run_of_several_steps_per_call_and_its_rerun_from_the_compilation_cache(
         tmp_path, trained_run):
-    """--steps-per-call 4 still logs, samples and saves at the steps asked for; a rerun loads
+    """--steps-per-call 2 still logs, samples and saves at the steps asked for; a rerun loads
     every compiled program from the cache (adding no entry) and prints the same losses."""
     cache = tmp_path / "cache"
     flags = ["--arch", "seed", "--steps", "10", "--log-every", "5", "--sample-every", "5",
-             "--ckpt-every", "5", "--eval-every", "0", "--steps-per-call", "4",
+             "--ckpt-every", "5", "--eval-every", "0", "--steps-per-call", "2",
              "--data-dir", trained_run[0] / "tfds", "--compile-cache", cache]
     runs, entries = [], []
     for name in ("first", "rerun"):

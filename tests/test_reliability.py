@@ -14,7 +14,7 @@ import jax
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import REPO, TRAIN_FLAGS, gif_frames, run_script
+from conftest import REPO, TRAIN_FLAGS, gif_frames
 from digitscape_jax import cli
 from digitscape_jax.checkpointing import LOCK_FILE, Checkpointer, RunLock
 from digitscape_jax.config import Config
@@ -65,14 +65,18 @@ def losses(ckpt_dir: Path) -> list[tuple]:
     return [(r["step"], r["d_loss"], r["g_loss"], r["d_real"], r["d_fake"]) for r in records]
 
 
+def run_dirs(workdir: Path) -> list[str]:
+    """The flags that put an in-process run's outputs where train.py run in `workdir` would."""
+    return ["--ckpt-dir", str(workdir / "ckpt"), "--samples-dir", str(workdir / "generated_images")]
+
+
 def test_sigkill_anywhere_then_rerun_ends_bitwise_where_an_uninterrupted_run_does(
-        start_train, trained_run, tmp_path):
+        start_train, trained_run, tmp_path, capsys):
     data_dir = trained_run[0] / "tfds"
     flags = ["--arch", "seed", "--eval-every", "0", "--batch-size", "32", "--steps", "24",
              "--ckpt-every", "1", "--log-every", "1", "--sample-every", "1000", "--data-dir", data_dir]
-    (tmp_path / "reference").mkdir()
-    reference = run_script("train.py", *flags, cwd=tmp_path / "reference")
-    assert reference.returncode == 0, reference.stderr
+    # The uninterrupted run, and the last rerun below, need no process of their own.
+    assert cli.run(train.main, [*map(str, flags), *run_dirs(tmp_path / "reference")]) == 0
 
     interrupted = tmp_path / "interrupted"
     interrupted.mkdir()
@@ -101,9 +105,9 @@ def test_sigkill_anywhere_then_rerun_ends_bitwise_where_an_uninterrupted_run_doe
     interrupted_save = int(partial[0].split(".")[0])
 
     # 3. Rerun to the end: it skips the partial save and resumes from the last complete one.
-    finished = run_script("train.py", *flags, cwd=interrupted)
-    assert finished.returncode == 0, finished.stderr
-    assert f"from step {interrupted_save - 1}\n" in finished.stdout  # the last complete save
+    capsys.readouterr()
+    assert cli.run(train.main, [*map(str, flags), *run_dirs(interrupted)]) == 0
+    assert f"from step {interrupted_save - 1}\n" in capsys.readouterr().out  # the last complete save
     assert not any(TMP_MARK in p.name for p in os.scandir(ckpt))
 
     config = Config(arch="seed", batch_size=32, steps=24)
@@ -113,17 +117,17 @@ def test_sigkill_anywhere_then_rerun_ends_bitwise_where_an_uninterrupted_run_doe
 
 
 def test_sigterm_and_sigint_stop_after_a_checkpoint_and_a_second_writer_is_refused(
-        start_train, trained_run, tmp_path):
+        start_train, trained_run, tmp_path, capsys):
     flags = ["--arch", "seed", "--eval-every", "0", "--steps", "1000000", "--log-every", "1000000",
              "--data-dir", trained_run[0] / "tfds"]
     process = start_train(*flags, cwd=tmp_path)
     wait_for_line(process, "first call")
 
-    second = run_script("train.py", *flags, cwd=tmp_path)
-    assert second.returncode == 1
-    assert second.stderr.strip() == (
-        f"error: ckpt is in use by another train.py (pid {process.pid}); wait for it to finish, "
-        "stop it, or use another --ckpt-dir")
+    # A second writer (here in this process) is refused while the first holds the lock.
+    assert cli.run(train.main, [*map(str, flags), *run_dirs(tmp_path)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"error: {tmp_path / 'ckpt'} is in use by another train.py (pid {process.pid}); wait for "
+        "it to finish, stop it, or use another --ckpt-dir")
 
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=120)

@@ -29,8 +29,10 @@ def mock_mnist(monkeypatch):
     """tfds's random stand-in for MNIST (as the flax examples' train_test.py use it); its
     prepare step is a no-op, so the network check before a download is passed too."""
     monkeypatch.setattr(data, "_reachable", lambda *args: True)
+    data._load_split.cache_clear()  # what load_split keeps must not outlive the mock
     with tfds.testing.mock_data(num_examples=256):
         yield
+    data._load_split.cache_clear()
 
 
 def run_paths(tmp_path) -> RunPaths:
@@ -62,6 +64,9 @@ def test_train_writes_every_output_and_resumes_in_process(mock_mnist, tmp_path):
     assert trainer.train(dataclasses.replace(config, steps=16), paths, stream=out) == 16
     assert "resuming" in out.getvalue() and "from step 12" in out.getvalue()
     assert [r["step"] for r in records(paths)] == [4, 8, 12, 16]
+    # The wall clock of each record counts on from the run it resumed.
+    walls = [r["wall_s"] for r in records(paths)]
+    assert 0 < walls[0] and walls == sorted(walls) and walls[3] > walls[2]
 
 
 def patch_step(monkeypatch, dispatched: list | None = None, busy_matmuls: int = 0,

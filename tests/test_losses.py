@@ -1,0 +1,141 @@
+"""The recipe's terms against plain-JAX references: hinge, R1 (lazy), translation, TTUR."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from digitscape_jax.config import ARCHS, Config
+from digitscape_jax.losses import discriminator_loss, generator_loss, r1_penalty, translate
+from digitscape_jax.models import sample_noise
+from digitscape_jax.steps import create_states, jit_train_step
+
+
+def test_the_losses_are_their_textbook_formulas():
+    real, fake = jnp.array([2.0, -0.5, 0.3]), jnp.array([-3.0, 0.9, 1.5])
+    np.testing.assert_allclose(discriminator_loss(real, fake, "hinge"),
+                               (np.mean(np.maximum(0, 1 - real)) +
+                                np.mean(np.maximum(0, 1 + fake))) / 2, rtol=1e-6)
+    np.testing.assert_allclose(generator_loss(fake, "hinge"), -np.mean(fake), rtol=1e-6)
+    sigmoid = 1 / (1 + np.exp(-np.asarray(fake)))
+    np.testing.assert_allclose(generator_loss(fake, "bce"), -np.mean(np.log(sigmoid)), rtol=1e-6)
+    np.testing.assert_allclose(
+        discriminator_loss(real, fake, "bce"),
+        (-np.mean(np.log(1 / (1 + np.exp(-np.asarray(real))))) - np.mean(np.log(1 - sigmoid))) / 2,
+        rtol=1e-6)
+
+
+def test_r1_is_the_mean_squared_norm_of_each_real_digits_input_gradient(real_batch):
+    config = Config(arch="small", d_dropout=0.0)
+    _, d_state = create_states(config, jax.random.key(0))
+    images = jnp.asarray(real_batch[:6])
+
+    def logit(image):  # one digit at a time: no batch to mix them
+        return d_state.apply_fn({"params": d_state.params}, image[None], train=False)[0, 0]
+
+    input_grad = jax.jit(jax.grad(logit))
+    expected = np.mean([float(jnp.sum(input_grad(image) ** 2)) for image in images])
+    got = jax.jit(r1_penalty, static_argnums=0)(
+        lambda x: d_state.apply_fn({"params": d_state.params}, x, train=False)[:, 0], images)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    assert expected > 0
+
+
+def test_the_update_applies_the_hinge_and_lazy_r1_gradients(real_batch):
+    """D's gradient is that of its hinge loss plus, every r1_every-th step (counting from 1),
+    r1_every * gamma / 2 times R1's; the other steps skip R1 (and report 0)."""
+    config = Config(arch="small", loss="hinge", r1_gamma=2.0, r1_every=4, d_dropout=0.0)
+    g_state, d_state = create_states(config, jax.random.key(0))
+    sgd = optax.sgd(1.0)  # at rate 1, each update is minus the gradient it applied
+    g_state = g_state.replace(tx=sgd, opt_state=sgd.init(g_state.params))
+    d_state = d_state.replace(tx=sgd, opt_state=sgd.init(d_state.params))
+    key = jax.random.key(3)
+    train_step = jit_train_step(config, donate=False)
+
+    def d_logits(d_params, images):
+        return d_state.apply_fn({"params": d_params}, images, train=True)[:, 0]
+
+    @jax.jit
+    def reference(step, r1_weight):
+        noise_key, _ = jax.random.split(jax.random.fold_in(key, step))
+        fake, _ = g_state.apply_fn(g_state.variables, sample_noise(noise_key, "normal", (64, 100)),
+                                   train=True, mutable=["batch_stats"])
+
+        def loss(d_params):
+            hinge = (jax.nn.relu(1 - d_logits(d_params, real_batch)).mean()
+                     + jax.nn.relu(1 + d_logits(d_params, fake)).mean()) / 2
+            r1 = r1_penalty(lambda x: d_logits(d_params, x), real_batch)
+            return hinge + r1_weight * r1, r1
+
+        return jax.value_and_grad(loss, has_aux=True)(d_state.params)
+
+    for step, applies_r1 in ((3, True), (4, False)):
+        _, new_d, metrics = train_step(g_state.replace(step=step), d_state.replace(step=step),
+                                       real_batch, key)
+        applied = jax.tree.map(lambda a, b: a - b, d_state.params, new_d.params)
+        (_, r1), expected = reference(step, 4 * 2.0 / 2 if applies_r1 else 0.0)
+        scale = max(float(jnp.abs(x).max()) for x in jax.tree.leaves(expected))
+        jax.tree.map(lambda a, b, scale=scale: np.testing.assert_allclose(
+            a, b, rtol=1e-4, atol=1e-4 * scale), applied, expected)
+        np.testing.assert_allclose(metrics["r1"], r1 if applies_r1 else 0.0, rtol=1e-5)
+
+
+def test_d_has_its_own_learning_rate():
+    config = Config(arch="small", learning_rate=1e-4, d_lr_scale=4.0)
+    g_state, d_state = create_states(config, jax.random.key(0))
+    grads = jax.tree.map(jnp.ones_like, d_state.params)
+    moved = d_state.apply_gradients(grads=grads)
+    # Adam's first step moves each parameter by its learning rate (the gradient is constant).
+    for before, after in zip(jax.tree.leaves(d_state.params), jax.tree.leaves(moved.params)):
+        np.testing.assert_allclose(before - after, 4e-4, rtol=1e-3)
+    g_moved = g_state.apply_gradients(grads=jax.tree.map(jnp.ones_like, g_state.params))
+    leaf = jax.tree.leaves(g_state.params)[0] - jax.tree.leaves(g_moved.params)[0]
+    np.testing.assert_allclose(leaf, 1e-4, rtol=1e-3)
+
+
+def test_translation_shifts_each_digit_within_bounds_and_fills_background(real_batch):
+    images = jnp.asarray(real_batch[:32])
+    assert translate(jax.random.key(0), images, 0) is images
+    moved = np.asarray(translate(jax.random.key(0), images, 2))
+    padded = np.pad(np.asarray(images), ((0, 0), (2, 2), (2, 2), (0, 0)), constant_values=-1.0)
+    shifts = set()
+    for image, out in zip(padded, moved):
+        matches = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                   if np.array_equal(out, image[2 - dy:30 - dy, 2 - dx:30 - dx])]
+        assert matches, "an output is not a shift of its input by at most 2 pixels"
+        shifts.add(matches[0])
+    assert len(shifts) > 5  # each digit draws its own shift
+    # G's gradient passes through: d(sum of kept pixels)/d(input) is 1 where a pixel is kept.
+    grad = jax.grad(lambda x: translate(jax.random.key(0), x, 2).sum())(images)
+    assert set(np.unique(np.asarray(grad))) <= {0.0, 1.0} and float(grad.sum()) > 0.8 * grad.size
+
+
+def test_a_checkpoint_config_from_before_the_recipe_fields_reads_as_its_old_recipe():
+    saved = {"steps": 20000, "arch": "small", "conditional": False, "batch_size": 64,
+             "learning_rate": 0.0002, "beta1": 0.5, "beta2": 0.999, "ema_decay": 0.999,
+             "latent_dim": 100, "seed": 0, "log_every": 100, "sample_every": 1000,
+             "ckpt_every": 1000, "eval_every": 2000, "eval_samples": 2000, "dtype": "float32",
+             "steps_per_call": 1, "data_on_device": False}
+    config = Config.from_json(saved)
+    assert (config.loss, config.r1_gamma, config.d_dropout, config.translate) == ("bce", 0.0,
+                                                                                  0.3, 0)
+    assert (config.learning_rate, config.d_lr_scale) == (2e-4, 1.0)
+    assert Config.from_json(config.to_json()) == config
+
+
+@pytest.mark.parametrize("arch", [a for a, spec in ARCHS.items() if spec.r1_gamma])
+def test_the_regularised_recipe_trains(real_batch, arch):
+    """A short run of an arch with R1: finite, and D learns to tell real from fake."""
+    config = Config(arch=arch, learning_rate=1e-3)
+    g_state, d_state = create_states(config, jax.random.key(0))
+    step = jit_train_step(config)
+    first = None
+    for _ in range(30):
+        g_state, d_state, metrics = step(g_state, d_state, real_batch, jax.random.key(1))
+        first = first or {k: float(v) for k, v in metrics.items()}
+    assert all(np.isfinite(float(v)) for v in metrics.values())
+    assert float(metrics["d_real"]) > float(metrics["d_fake"]) + 0.2
+    assert float(metrics["d_loss"]) < first["d_loss"]
