@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from digitscape_jax.config import ARCHS, Config
+from digitscape_jax.config import Config
 from digitscape_jax.losses import discriminator_loss, generator_loss, r1_penalty, translate
 from digitscape_jax.models import sample_noise
 from digitscape_jax.steps import create_states, jit_train_step
@@ -126,10 +126,10 @@ def test_a_checkpoint_config_from_before_the_recipe_fields_reads_as_its_old_reci
     assert Config.from_json(config.to_json()) == config
 
 
-@pytest.mark.parametrize("arch", [a for a, spec in ARCHS.items() if spec.r1_gamma])
-def test_the_regularised_recipe_trains(real_batch, arch):
-    """A short run of an arch with R1: finite, and D learns to tell real from fake."""
-    config = Config(arch=arch, learning_rate=1e-3)
+def test_the_regularised_recipe_trains(real_batch):
+    """A short run with every lever on: finite, and D learns to tell real from fake."""
+    config = Config(arch="seed", loss="hinge", r1_gamma=1.0, r1_every=2, translate=2,
+                    d_dropout=0.0, d_lr_scale=2.0, learning_rate=1e-3, beta2=0.99)
     g_state, d_state = create_states(config, jax.random.key(0))
     step = jit_train_step(config)
     first = None

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, run_script
+from conftest import REPO, built_once, run_script
 from digitscape_jax import cli
 from digitscape_jax.checkpointing import Checkpointer
 from digitscape_jax.config import Config
@@ -59,18 +59,21 @@ def assert_same_run(ckpt: Path, reference: Path) -> None:
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=PARAM_ATOL)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def one_device_run(tmp_path_factory, trained_run) -> tuple[Path, Path]:
-    """The reference: FLAGS on one device. Returns (its ckpt dir, the prepared tfds dir)."""
-    workdir = tmp_path_factory.mktemp("one_device")
+    """The reference: FLAGS on one device, run once for all workers (`built_once`). Returns
+    (its ckpt dir, the prepared tfds dir)."""
     data_dir = trained_run[0] / "tfds"
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):  # in this process, which has one device
-        assert cli.run(train.main, [*map(str, FLAGS), "--data-dir", str(data_dir), "--ckpt-dir",
-                                    str(workdir / "ckpt"), "--samples-dir",
-                                    str(workdir / "samples")]) == 0
-    assert "devices: 1 x cpu" in out.getvalue() and "compute dtype float32" in out.getvalue()
-    return workdir / "ckpt", data_dir
+
+    def build(workdir: Path) -> None:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):  # in this process, which has one device
+            assert cli.run(train.main, [*map(str, FLAGS), "--data-dir", str(data_dir),
+                                        "--ckpt-dir", str(workdir / "ckpt"), "--samples-dir",
+                                        str(workdir / "samples")]) == 0
+        assert "devices: 1 x cpu" in out.getvalue() and "compute dtype float32" in out.getvalue()
+
+    return built_once(tmp_path_factory, "one_device_run", build) / "ckpt", data_dir
 
 
 def test_eight_devices_match_one(tmp_path, one_device_run):
