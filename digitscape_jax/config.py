@@ -118,9 +118,13 @@ def setting(default: Any, help: str, *, bound: Bound | None = None,
         "help": help, "bound": bound, "choices": choices, "role": role, "flag": flag})
 
 
-def _arch_defaults(name: str) -> str:
-    return ", ".join(f"{arch} {value:g}" if isinstance(value := getattr(spec, name), float | int)
-                     else f"{arch} {value}" for arch, spec in ARCHS.items())
+def arch_setting(name: str, help: str, **kwargs: Any) -> Any:
+    """A recipe field that defaults to the arch's value (`ArchSpec.<name>`), which its help
+    lists for each arch."""
+    defaults = ", ".join(
+        f"{arch} {value:g}" if isinstance(value := getattr(spec, name), float | int)
+        else f"{arch} {value}" for arch, spec in ARCHS.items())
+    return setting(None, f"{help}; default: the arch's ({defaults})", **kwargs)
 
 
 class ConfigError(UserError):
@@ -147,37 +151,29 @@ class Config:
     conditional: bool = setting(False, "train on the labels too, so that `sample.py --digit 7` "
                                 "draws 7s: G embeds the label beside the noise, D projects it "
                                 "onto its features", role="model")
-    batch_size: int | None = setting(None, "images per update; default: the arch's "
-                                     f"({_arch_defaults('batch_size')})", bound=POSITIVE)
-    learning_rate: float | None = setting(None, "Adam learning rate of G (and of D, times "
-                                          "--d-lr-scale); default: "
-                                          f"the arch's ({_arch_defaults('learning_rate')})",
-                                          bound=POSITIVE_FINITE, flag="lr")
-    beta1: float | None = setting(None, "Adam beta1; default: the arch's "
-                                  f"({_arch_defaults('beta1')})", bound=UNIT_INTERVAL)
-    beta2: float | None = setting(None, "Adam beta2; default: the arch's "
-                                  f"({_arch_defaults('beta2')})", bound=UNIT_INTERVAL)
-    d_lr_scale: float | None = setting(None, "D's Adam learning rate as a multiple of --lr "
-                                       "(the two time-scale update rule); default: the arch's "
-                                       f"({_arch_defaults('d_lr_scale')})",
-                                       bound=POSITIVE_FINITE)
-    loss: str | None = setting(None, "'bce': non-saturating binary cross-entropy; 'hinge': "
-                               "hinge loss for D, -D(G(z)) for G; default: the arch's "
-                               f"({_arch_defaults('loss')})", choices=lambda: list(LOSSES))
-    r1_gamma: float | None = setting(None, "weight of the R1 penalty, gamma/2 times D's squared "
-                                     "gradient norm on real digits (0: none); default: the "
-                                     f"arch's ({_arch_defaults('r1_gamma')})",
-                                     bound=NON_NEGATIVE_FINITE)
-    r1_every: int | None = setting(None, "steps between R1 penalties (lazy regularisation, "
-                                   "weighted by this to match an every-step penalty); default: "
-                                   f"the arch's ({_arch_defaults('r1_every')})", bound=POSITIVE)
-    d_dropout: float | None = setting(None, "dropout rate after each of D's convolutions; "
-                                      f"default: the arch's ({_arch_defaults('d_dropout')})",
-                                      bound=UNIT_INTERVAL)
-    translate: int | None = setting(None, "shift every digit D sees, real and fake, by up to "
-                                    "this many pixels each way (DiffAugment's translation; 0: "
-                                    f"none); default: the arch's ({_arch_defaults('translate')})",
-                                    bound=NON_NEGATIVE)
+    batch_size: int | None = arch_setting("batch_size", "images per update", bound=POSITIVE)
+    learning_rate: float | None = arch_setting(
+        "learning_rate", "Adam learning rate of G (and of D, times --d-lr-scale)",
+        bound=POSITIVE_FINITE, flag="lr")
+    beta1: float | None = arch_setting("beta1", "Adam beta1", bound=UNIT_INTERVAL)
+    beta2: float | None = arch_setting("beta2", "Adam beta2", bound=UNIT_INTERVAL)
+    d_lr_scale: float | None = arch_setting(
+        "d_lr_scale", "D's Adam learning rate as a multiple of --lr (the two time-scale update "
+        "rule)", bound=POSITIVE_FINITE)
+    loss: str | None = arch_setting(
+        "loss", "'bce': non-saturating binary cross-entropy; 'hinge': hinge loss for D, "
+        "-D(G(z)) for G", choices=lambda: list(LOSSES))
+    r1_gamma: float | None = arch_setting(
+        "r1_gamma", "weight of the R1 penalty, gamma/2 times D's squared gradient norm on real "
+        "digits (0: none)", bound=NON_NEGATIVE_FINITE)
+    r1_every: int | None = arch_setting(
+        "r1_every", "steps between R1 penalties (lazy regularisation, weighted by this to match "
+        "an every-step penalty)", bound=POSITIVE)
+    d_dropout: float | None = arch_setting(
+        "d_dropout", "dropout rate after each of D's convolutions", bound=UNIT_INTERVAL)
+    translate: int | None = arch_setting(
+        "translate", "shift every digit D sees, real and fake, by up to this many pixels each "
+        "way (DiffAugment's translation; 0: none)", bound=NON_NEGATIVE)
     ema_decay: float = setting(0.999, "decay of the moving average of G's weights that sampling "
                                "uses (0: no averaging)", bound=UNIT_INTERVAL)
     latent_dim: int = setting(100, "size of the generator's noise input", bound=POSITIVE,
