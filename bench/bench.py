@@ -558,6 +558,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         notes.append("tf skipped: this project installs tensorflow-cpu, so the TF peer is CPU-only")
     if not frameworks:
         raise SystemExit("no framework left to run")
+    if set(frameworks) - {"jax"}:
+        for arch in args.archs:  # before any worker is timed
+            peer_recipe(arch)
     rows = benchmark(args, frameworks)
     table = report(args, rows, notes)
     print(table, file=sys.stderr if args.json == "-" else sys.stdout)

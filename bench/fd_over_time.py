@@ -23,7 +23,7 @@ from digitscape_jax.plots import plot_fd_over_time
 
 
 def run_spec(text: str) -> tuple[str, Path]:
-    name, sep, path = text.partition("=")
+    name, sep, path = text.rpartition("=")  # the name may hold "=", as in "--lr=1e-3"
     if not (sep and name and path):
         raise argparse.ArgumentTypeError(f"expected NAME=CKPT_DIR, got {text!r}")
     return name, Path(path)

@@ -236,6 +236,7 @@ class Config:
         if not isinstance(data, dict):
             raise UserError(f"config must be a JSON object, got {type(data).__name__}")
         types = field_types()
+        data = {**RECIPE_BEFORE_ITS_FIELDS, **data}
         unknown = sorted(set(data) - set(types))
         if unknown:
             raise UserError(f"config has unknown field(s): {', '.join(unknown)}")
@@ -273,6 +274,12 @@ def field_types() -> dict[str, type]:
     hints = typing.get_type_hints(Config)
     return {name: next(t for t in typing.get_args(hint) or (hint,) if t is not type(None))
             for name, hint in hints.items()}
+
+
+# What every run trained with before these recipe fields existed: a checkpoint config that
+# lacks them reads as these values, whatever an arch's defaults have become since.
+RECIPE_BEFORE_ITS_FIELDS = {"d_lr_scale": 1.0, "loss": "bce", "r1_gamma": 0.0, "r1_every": 4,
+                            "d_dropout": 0.3, "translate": 0}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -142,7 +142,8 @@ def load_split(split: str, data_dir: str | Path | None = None) -> tuple[np.ndarr
 
     Read-only, and read once per process and data dir: decoding the training split's
     60,000 PNGs takes seconds, which a notebook that trains again (or a test suite) would
-    otherwise pay on every run.
+    otherwise pay on every run. (So a data dir deleted and prepared anew in the same process
+    is not read again; `_load_split.cache_clear()` forgets what was read.)
     """
     return _load_split(split, None if data_dir is None else str(Path(data_dir).resolve()))
 

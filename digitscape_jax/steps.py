@@ -112,7 +112,8 @@ def train_step(
     step_key = jax.random.fold_in(key, g_state.step)
     noise_key, dropout_key = jax.random.split(step_key)
     real_key, fake_key = jax.random.split(dropout_key)
-    real_shift_key, fake_shift_key = jax.random.split(jax.random.fold_in(step_key, 1))
+    # fold_in(k, i) is split(k)[i] for i < 2: 2 keeps the shifts apart from noise and dropout.
+    real_shift_key, fake_shift_key = jax.random.split(jax.random.fold_in(step_key, 2))
     noise = sample_noise(noise_key, config.spec.noise, (images.shape[0], config.latent_dim))
     images = translate(real_shift_key, images, config.translate)
 

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from digitscape_jax.config import Config
+from digitscape_jax.config import ARCHS, RECIPE_BEFORE_ITS_FIELDS, Config
 from digitscape_jax.losses import discriminator_loss, generator_loss, r1_penalty, translate
 from digitscape_jax.models import sample_noise
 from digitscape_jax.steps import create_states, jit_train_step
@@ -83,6 +83,57 @@ def test_the_update_applies_the_hinge_and_lazy_r1_gradients(real_batch):
         np.testing.assert_allclose(metrics["r1"], r1 if applies_r1 else 0.0, rtol=1e-5)
 
 
+def test_d_sees_both_halves_translated_with_their_own_shifts(real_batch):
+    """D's mean outputs in the step are those of the real batch and of G's fakes, each
+    shifted by translate() with the step's own keys (apart from the noise's and dropout's)."""
+    config = Config(arch="seed", translate=2, d_dropout=0.0)
+    g_state, d_state = create_states(config, jax.random.key(0))
+    key, step = jax.random.key(4), 7
+    _, _, metrics = jit_train_step(config, donate=False)(
+        g_state.replace(step=step), d_state.replace(step=step), real_batch, key)
+    step_key = jax.random.fold_in(key, step)
+    noise_key, dropout_key = jax.random.split(step_key)
+    real_shift, fake_shift = jax.random.split(jax.random.fold_in(step_key, 2))
+    assert len({str(jax.random.key_data(k)) for k in (noise_key, dropout_key, real_shift,
+                                                       fake_shift)}) == 4
+    fake, _ = g_state.apply_fn(g_state.variables, sample_noise(noise_key, "uniform", (64, 100)),
+                               train=True, mutable=["batch_stats"])
+
+    def d_mean(images):
+        return float(jax.nn.sigmoid(d_state.apply_fn({"params": d_state.params}, images,
+                                                     train=True)).mean())
+
+    np.testing.assert_allclose(metrics["d_real"], d_mean(translate(real_shift, real_batch, 2)),
+                               rtol=1e-5)
+    np.testing.assert_allclose(metrics["d_fake"], d_mean(translate(fake_shift, fake, 2)),
+                               rtol=1e-5)
+    assert abs(float(metrics["d_real"]) - d_mean(real_batch)) > 1e-4  # the shift mattered
+
+
+def test_r1_gradient_through_the_fast_conv_is_flax_convs():
+    """R1's gradient is second order: through Conv's custom input gradient, it must match
+    what plain XLA computes through nn.Conv with the same params."""
+    from flax import linen as nn
+
+    from digitscape_jax.layers import Conv
+
+    x = jax.random.normal(jax.random.key(0), (3, 28, 28, 1))
+    ours = Conv(16, strides=2)
+    variables = ours.init(jax.random.key(1), x)
+    plain = nn.Conv(16, (5, 5), strides=2, padding="SAME")
+
+    def r1_grad(module):
+        def penalty(variables):
+            return r1_penalty(lambda images: jnp.tanh(module.apply(variables, images)).sum(
+                axis=(1, 2, 3)), x)
+        return jax.grad(penalty)(variables)
+
+    for a, b in zip(jax.tree.leaves(r1_grad(ours)), jax.tree.leaves(r1_grad(plain)),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        assert float(jnp.abs(b).max()) > 0
+
+
 def test_d_has_its_own_learning_rate():
     config = Config(arch="small", learning_rate=1e-4, d_lr_scale=4.0)
     g_state, d_state = create_states(config, jax.random.key(0))
@@ -113,8 +164,9 @@ def test_translation_shifts_each_digit_within_bounds_and_fills_background(real_b
     assert set(np.unique(np.asarray(grad))) <= {0.0, 1.0} and float(grad.sum()) > 0.8 * grad.size
 
 
-def test_a_checkpoint_config_from_before_the_recipe_fields_reads_as_its_old_recipe():
-    saved = {"steps": 20000, "arch": "small", "conditional": False, "batch_size": 64,
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_a_checkpoint_config_from_before_the_recipe_fields_reads_as_its_old_recipe(arch):
+    saved = {"steps": 20000, "arch": arch, "conditional": False, "batch_size": 64,
              "learning_rate": 0.0002, "beta1": 0.5, "beta2": 0.999, "ema_decay": 0.999,
              "latent_dim": 100, "seed": 0, "log_every": 100, "sample_every": 1000,
              "ckpt_every": 1000, "eval_every": 2000, "eval_samples": 2000, "dtype": "float32",
@@ -123,6 +175,9 @@ def test_a_checkpoint_config_from_before_the_recipe_fields_reads_as_its_old_reci
     assert (config.loss, config.r1_gamma, config.d_dropout, config.translate) == ("bce", 0.0,
                                                                                   0.3, 0)
     assert (config.learning_rate, config.d_lr_scale) == (2e-4, 1.0)
+    # Whatever the arch's defaults have become: these are what every run used before.
+    for name, value in RECIPE_BEFORE_ITS_FIELDS.items():
+        assert getattr(config, name) == value
     assert Config.from_json(config.to_json()) == config
 
 
