@@ -10,8 +10,9 @@ What is timed is one full update of G and D as `digitscape_jax.steps.train_step`
 with each arch's recipe (`Config(arch=...)`): noise -> G, then D (with dropout where the arch
 has it) on the real batch and on the fakes (two calls), d_loss = (bce(real, 1) + bce(fake, 0))
 / 2 and g_loss = bce(fake, 1) (or the hinge losses), both gradients from that one forward
-pass, and an Adam step (eps 1e-7, with the arch's learning rates and betas) on each network. Each framework backpropagates each loss only where it depends: d_loss into D, g_loss
-through D's fake call into G. The "real" images are one fixed random batch in [-1, 1]: there is
+pass, and an Adam step (eps 1e-7, with the arch's learning rates and betas) on each network.
+Each framework backpropagates each loss only where it depends: d_loss into D, g_loss through
+D's fake call into G. The "real" images are one fixed random batch in [-1, 1]: there is
 no input pipeline, only the step.
 
 - jax: ours, `create_states` + `jit_train_step`, with the XLA flags `digitscape_jax` sets.

@@ -35,17 +35,20 @@ class MetricsLog:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def truncate_after(self, step: int) -> None:
-        """Drops records past `step` (all of them for 0), atomically: they are logged again."""
+    def truncate_after(self, step: int) -> list[dict[str, Any]]:
+        """Drops records past `step` (all of them for 0), atomically: they are logged again.
+        Returns the records kept."""
         kept = [r for r in self.read() if r["step"] <= step]
         write_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+        return kept
 
 
 # How the known metrics read on screen and in plots; any other metric of the step or the
 # evaluation shows as its own name, with 4 significant digits.
 DISPLAY = {"d_loss": ("d_loss", "{:.4f}"), "g_loss": ("g_loss", "{:.4f}"),
            "d_real": ("D(x)", "{:.3f}"), "d_fake": ("D(G(z))", "{:.3f}"),
-           "r1": ("R1", "{:.4f}"), "fd": ("FD", "{:.2f}"), "is": ("IS", "{:.2f}"), "label_accuracy": ("label acc", "{:.3f}")}
+           "r1": ("R1", "{:.4f}"), "fd": ("FD", "{:.2f}"), "is": ("IS", "{:.2f}"),
+           "label_accuracy": ("label acc", "{:.3f}")}
 # Fields of a metrics.jsonl record that are not metrics of the model. wall_s: seconds since
 # the run began (data loading, compilation and evaluations included), over all its resumes.
 BOOKKEEPING = ("step", "steps_per_s", "wall_s")

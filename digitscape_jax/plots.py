@@ -107,7 +107,9 @@ def plot_metrics(records: list[dict], path: str | Path) -> Path:
 def plot_fd_over_time(runs: dict[str, list[dict]], path: str | Path,
                       title: str = "FD against wall-clock time") -> Path:
     """FD against wall-clock minutes, a line per run, from each run's metrics.jsonl records
-    that hold both `fd` and `wall_s`."""
+    that hold both `fd` and `wall_s` (a run with none is a UserError)."""
+    from digitscape_jax.errors import UserError
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,6 +118,9 @@ def plot_fd_over_time(runs: dict[str, list[dict]], path: str | Path,
     fig, ax = plt.subplots(figsize=(7, 4.2), constrained_layout=True)
     for name, records in runs.items():
         points = [(r["wall_s"] / 60, r["fd"]) for r in records if "fd" in r and "wall_s" in r]
+        if not points:
+            plt.close(fig)
+            raise UserError(f"{name}: no metrics.jsonl records with both fd and wall_s")
         ax.plot(*zip(*points), marker="o", markersize=3, label=name)
     ax.set(xlabel="wall-clock minutes", ylabel="FD (lower is better)", yscale="log", title=title)
     ax.grid(True, which="both", alpha=0.3)

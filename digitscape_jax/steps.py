@@ -69,7 +69,8 @@ def _create_states(config: Config, key: jax.Array) -> tuple[GeneratorState, trai
         ema_params=jax.tree.map(jnp.copy, g_vars["params"]),  # its own buffers, to donate
     )
     d_state = train_state.TrainState.create(
-        apply_fn=discriminator.apply, params=d_vars["params"], tx=adam(config.learning_rate * config.d_lr_scale)
+        apply_fn=discriminator.apply, params=d_vars["params"],
+        tx=adam(config.learning_rate * config.d_lr_scale)
     )
     return g_state, d_state
 

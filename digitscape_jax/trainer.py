@@ -84,9 +84,8 @@ def _train(config: Config, paths: RunPaths, stream: TextIO, warn: Callable[[str]
     keys = RunKeys.of(config.seed)
     outputs = RunOutputs(config, paths, keys.sample, replicated)
     progress = Progress(start, config.steps, stream)
-    if outputs.primary:
-        outputs.metrics.truncate_after(start)  # Records past the checkpoint are logged again.
-    earlier = outputs.metrics.read() if outputs.primary and start else []
+    # Records past the checkpoint are logged again.
+    earlier = outputs.metrics.truncate_after(start) if outputs.primary else []
     wall_before = earlier[-1].get("wall_s", 0.0) if earlier else 0.0  # of the runs resumed
     if states is None:
         g_state, d_state = jax.device_put(create_states(config, keys.init), replicated)
