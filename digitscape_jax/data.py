@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import functools
 import gzip
+import io
+import os
 import socket
+import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -25,6 +28,7 @@ from tensorflow_datasets.image_classification.mnist import MNIST
 
 from digitscape_jax import parallel
 from digitscape_jax.errors import UserError
+from digitscape_jax.files import write_atomically
 
 # tf.data runs on the host: keep TensorFlow off any GPU, which JAX owns.
 tf.config.set_visible_devices([], "GPU")
@@ -143,20 +147,60 @@ def load_split(split: str, data_dir: str | Path | None = None) -> tuple[np.ndarr
     Read-only, and read once per process and data dir: decoding the training split's
     60,000 PNGs takes seconds, which a notebook that trains again (or a test suite) would
     otherwise pay on every run. (So a data dir deleted and prepared anew in the same process
-    is not read again; `_load_split.cache_clear()` forgets what was read.)
+    is not read again; `_load_split.cache_clear()` forgets what was read.) Across processes,
+    the decoded arrays are kept beside the split's records (`_decoded_copy`).
     """
     return _load_split(split, None if data_dir is None else str(Path(data_dir).resolve()))
 
 
 @functools.lru_cache(maxsize=4)
 def _load_split(split: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
-    dataset = tfds.load("mnist", split=split, data_dir=data_dir, download=False,
-                        as_supervised=True)
-    chunks = list(tfds.as_numpy(dataset.batch(LOAD_CHUNK)))
-    arrays = np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
+    copy, records = _decoded_copy(split, data_dir)
+    arrays = _read_decoded(copy, records) if copy else None
+    if arrays is None:
+        dataset = tfds.load("mnist", split=split, data_dir=data_dir, download=False,
+                            as_supervised=True)
+        chunks = list(tfds.as_numpy(dataset.batch(LOAD_CHUNK)))
+        arrays = np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
+        if copy:
+            _write_decoded(copy, records, arrays)
     for array in arrays:
         array.flags.writeable = False
     return arrays
+
+
+def _decoded_copy(split: str, data_dir: str | None) -> tuple[Path | None, str]:
+    """Where the decoded arrays of a prepared split on a local disk are kept, and a stamp of
+    the records they were decoded from (names, sizes, times), so that a split prepared anew
+    is decoded anew. (None, "") where the records are elsewhere (e.g. a bucket, or a mock)."""
+    folder = Path(os.fspath(tfds.builder("mnist", data_dir=data_dir).data_dir))
+    records = sorted(folder.glob(f"mnist-{split}.tfrecord*")) if folder.is_dir() else []
+    if not records:
+        return None, ""
+    stamp = ";".join(f"{r.name}:{r.stat().st_size}:{r.stat().st_mtime_ns}" for r in records)
+    return folder / f"decoded-{split}.npz", stamp
+
+
+def _read_decoded(copy: Path, records: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The arrays kept in `copy` if it was decoded from `records`; None otherwise."""
+    try:
+        with np.load(copy) as kept:
+            if str(kept["records"]) == records:
+                return kept["images"], kept["labels"]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        pass  # missing or damaged: decode again
+    return None
+
+
+def _write_decoded(copy: Path, records: str, arrays: tuple[np.ndarray, np.ndarray]) -> None:
+    """Keeps the decoded split for the next process; a folder it cannot write to only means
+    decoding again."""
+    buffer = io.BytesIO()
+    np.savez(buffer, images=arrays[0], labels=arrays[1], records=np.array(records))
+    try:
+        write_atomically(copy, buffer.getvalue())
+    except OSError:
+        pass
 
 
 def load_mnist(data_dir: str | None = None, mnist_idx: str | None = None

@@ -10,10 +10,12 @@ from pathlib import Path
 
 def write_atomically(path: str | Path, data: bytes) -> Path:
     """Writes `data` to `path` through a temporary file renamed over it, so that a crash
-    leaves the old file or the new one, never part of one. Makes missing parent folders."""
+    leaves the old file or the new one, never part of one. Makes missing parent folders.
+    The temporary file is this process's own, so processes writing the same file at once
+    each rename a whole one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
     try:
         partial.write_bytes(data)
         os.replace(partial, path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 
 import jax
 import numpy as np
@@ -87,10 +88,10 @@ def test_reachability_check_answers_for_a_closed_port():
 
 
 @pytest.fixture
-def mock_mnist():
+def mock_mnist(tmp_path):
     data._load_split.cache_clear()  # what load_split keeps must not outlive the mock
     with tfds.testing.mock_data(num_examples=100):
-        images, labels = data.load_split("train")
+        images, labels = data.load_split("train", tmp_path / "tfds")
     data._load_split.cache_clear()
     return images, labels
 
@@ -104,6 +105,61 @@ def test_a_split_is_read_once_and_read_only(tmp_path):
     assert again[0] is first[0] and again[1] is first[1]
     with pytest.raises(ValueError, match="read-only"):
         first[0][0, 0, 0, 0] = 1
+
+
+def test_a_split_decoded_once_is_read_from_its_decoded_copy_until_prepared_anew(
+        small_idx, tmp_path, monkeypatch):
+    """The next process reads the arrays the first decoded, not the records; records written
+    anew, or a damaged copy, are decoded again."""
+    idx_dir, arrays = small_idx
+    data_dir = tmp_path / "tfds"
+    data.prepare_mnist(str(data_dir), str(idx_dir))
+    decoded = []
+    tfds_load = tfds.load
+    monkeypatch.setattr(tfds, "load", lambda *a, **k: decoded.append(a) or tfds_load(*a, **k))
+
+    def load_in_a_new_process():
+        data._load_split.cache_clear()
+        return data.load_split("train", data_dir)
+
+    first = load_in_a_new_process()
+    images, labels = arrays["train"]
+    got, want = sort_examples(first[0][..., 0], first[1]), sort_examples(images, labels)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    copy = data_dir / "mnist" / "3.0.1" / "decoded-train.npz"
+    assert copy.is_file() and len(decoded) == 1
+    again = load_in_a_new_process()
+    assert len(decoded) == 1  # read from the copy
+    for kept, fresh in zip(again, first):
+        np.testing.assert_array_equal(kept, fresh)
+        assert kept.dtype == fresh.dtype and not kept.flags.writeable
+    record = next(copy.parent.glob("mnist-train.tfrecord*"))
+    os.utime(record, ns=(record.stat().st_atime_ns, record.stat().st_mtime_ns + 10**9))
+    load_in_a_new_process()
+    assert len(decoded) == 2  # prepared anew: decoded anew
+    load_in_a_new_process()
+    assert len(decoded) == 2
+    copy.write_bytes(b"not an npz")
+    damaged = load_in_a_new_process()
+    assert len(decoded) == 3
+    np.testing.assert_array_equal(damaged[0], first[0])
+    data._load_split.cache_clear()
+
+
+def test_a_data_dir_it_cannot_write_to_is_still_read(small_idx, tmp_path, monkeypatch):
+    idx_dir, arrays = small_idx
+    data.prepare_mnist(str(tmp_path / "tfds"), str(idx_dir))
+
+    def refuse(path, contents):
+        raise PermissionError(f"read-only: {path}")
+
+    monkeypatch.setattr(data, "write_atomically", refuse)
+    data._load_split.cache_clear()
+    images, _ = data.load_split("test", tmp_path / "tfds")
+    data._load_split.cache_clear()
+    assert images.shape == (12, 28, 28, 1)
+    assert not list((tmp_path / "tfds").rglob("decoded-*"))
 
 
 def batches(images, batch_size, seed, start_step, count, labels=None):
