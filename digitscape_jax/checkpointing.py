@@ -140,7 +140,12 @@ class Checkpointer:
         return moved
 
     def _restore(self, step: int, **items: ocp.args.CheckpointArgs) -> Any:
-        """Reads the named items of one step.
+        """Reads the named items of one step."""
+        return self._run_io(step, lambda: self._manager.restore(
+            step, args=ocp.args.Composite(**items)))
+
+    def _run_io(self, step: int, read: Callable[[], T]) -> T:
+        """`read()` of one step's files.
 
         A failure of the machine (memory, permissions, an unreachable or slow
         filesystem) is an error that changes nothing; any other failure to read is
@@ -149,7 +154,7 @@ class Checkpointer:
         _silence_late_read_callbacks()
         where = self.directory / str(step)
         try:
-            return self._manager.restore(step, args=ocp.args.Composite(**items))
+            return read()
         except Exception as e:  # orbax and tensorstore raise many types for unreadable data
             message = textwrap.shorten(str(e) or type(e).__name__, MAX_ERROR_CHARS)
             if _is_machine_failure(e):
@@ -163,14 +168,30 @@ class Checkpointer:
     def restore(self, step: int, abstract: Any) -> tuple[GeneratorState, train_state.TrainState]:
         """Both states at `step`, laid out like `abstract` (see `abstract_states`)."""
         g_abstract, d_abstract = abstract
-        restored = self._restore(step, g_state=ocp.args.StandardRestore(g_abstract),
+        g_item, as_state = self._generator_item(step, g_abstract)
+        restored = self._restore(step, g_state=ocp.args.StandardRestore(g_item),
                                  d_state=ocp.args.StandardRestore(d_abstract))
-        return restored["g_state"], restored["d_state"]
+        return as_state(restored["g_state"]), restored["d_state"]
 
     def restore_generator(self, step: int, abstract: Any) -> GeneratorState:
         """G's state alone, for sampling."""
-        g_abstract, _ = abstract
-        return self._restore(step, g_state=ocp.args.StandardRestore(g_abstract))["g_state"]
+        g_item, as_state = self._generator_item(step, abstract[0])
+        return as_state(self._restore(step, g_state=ocp.args.StandardRestore(g_item))["g_state"])
+
+    def _generator_item(self, step: int, g_abstract: GeneratorState
+                        ) -> tuple[Any, Callable[[Any], GeneratorState]]:
+        """What G's state at `step` is read into, and how that becomes a GeneratorState.
+
+        Checkpoints written before G had constants store no `constants` field: one without
+        constants to read is read field by field, and then has none.
+        """
+        if not g_abstract.constants:
+            fields = self._run_io(step, lambda: ocp.StandardCheckpointer().metadata(
+                self.directory / str(step) / "g_state").item_metadata)
+            if "constants" not in fields:
+                return ({name: getattr(g_abstract, name) for name in fields},
+                        lambda restored: g_abstract.replace(**restored))
+        return g_abstract, lambda restored: restored
 
 
 class RunLock:

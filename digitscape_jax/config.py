@@ -50,6 +50,7 @@ class ArchSpec:
     r1_every: int = 4
     d_dropout: float = 0.3
     translate: int = 0
+    clusters: int = 0
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -68,6 +69,7 @@ ARCHS: dict[str, ArchSpec] = {
 
 DEFAULT_ARCH = "dcgan"
 
+NUM_CLASSES = 10
 MAX_SEED = 2**32
 MIN_EVAL_SAMPLES = 100  # Fewer digits give FDs dominated by their small-sample bias.
 
@@ -98,6 +100,9 @@ UNIT_INTERVAL = Bound(lambda v: 0.0 <= v < 1.0, "in [0, 1)", "a number in [0, 1)
 SEED = Bound(lambda v: 0 <= v < MAX_SEED, "in [0, 2**32)", "an integer >= 0")
 
 
+CLUSTER_COUNT = Bound(lambda v: v == 0 or v >= 2, "0 or at least 2", "0 or an integer >= 2")
+
+
 def at_least(minimum: int) -> Bound:
     return Bound(lambda v: v >= minimum, f">= {minimum}")
 
@@ -119,8 +124,8 @@ def setting(default: Any, help: str, *, bound: Bound | None = None,
 
 
 def arch_setting(name: str, help: str, **kwargs: Any) -> Any:
-    """A recipe field that defaults to the arch's value (`ArchSpec.<name>`), which its help
-    lists for each arch."""
+    """A field that defaults to the arch's value (`ArchSpec.<name>`), which its help lists for
+    each arch."""
     defaults = ", ".join(
         f"{arch} {value:g}" if isinstance(value := getattr(spec, name), float | int)
         else f"{arch} {value}" for arch, spec in ARCHS.items())
@@ -151,6 +156,11 @@ class Config:
     conditional: bool = setting(False, "train on the labels too, so that `sample.py --digit 7` "
                                 "draws 7s: G embeds the label beside the noise, D projects it "
                                 "onto its features", role="model")
+    clusters: int | None = arch_setting(
+        "clusters", "condition G and D on this many k-means clusters of the training digits' "
+        "pixels, found without labels, G drawing the cluster from its noise (a self-conditioned "
+        "GAN; 0: none; ignored by --conditional, which uses the labels)", bound=CLUSTER_COUNT,
+        role="model")
     batch_size: int | None = arch_setting("batch_size", "images per update", bound=POSITIVE)
     learning_rate: float | None = arch_setting(
         "learning_rate", "Adam learning rate of G (and of D, times --d-lr-scale)",
@@ -208,6 +218,11 @@ class Config:
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise ConfigError("arch", f"unknown arch {self.arch!r}; choose one of {sorted(ARCHS)}")
+        if self.conditional and self.clusters:
+            raise ConfigError("clusters", "cannot be combined with --conditional, which "
+                              "conditions on the labels")
+        if self.conditional and self.clusters is None:
+            object.__setattr__(self, "clusters", 0)
         for field in dataclasses.fields(self):
             if getattr(self, field.name) is None:
                 object.__setattr__(self, field.name, getattr(self.spec, field.name))
@@ -223,6 +238,11 @@ class Config:
     def spec(self) -> ArchSpec:
         return ARCHS[self.arch]
 
+    @property
+    def label_count(self) -> int:
+        """How many classes G and D are conditioned on: the digits', the clusters', or 0."""
+        return NUM_CLASSES if self.conditional else self.clusters
+
     @staticmethod
     def fields_with(role: Role) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(Config) if f.metadata["role"] == role)
@@ -236,7 +256,7 @@ class Config:
         if not isinstance(data, dict):
             raise UserError(f"config must be a JSON object, got {type(data).__name__}")
         types = field_types()
-        data = {**RECIPE_BEFORE_ITS_FIELDS, **data}
+        data = {**SETTINGS_BEFORE_THEIR_FIELDS, **data}
         unknown = sorted(set(data) - set(types))
         if unknown:
             raise UserError(f"config has unknown field(s): {', '.join(unknown)}")
@@ -276,10 +296,10 @@ def field_types() -> dict[str, type]:
             for name, hint in hints.items()}
 
 
-# What every run trained with before these recipe fields existed: a checkpoint config that
+# What every run trained with before these fields existed: a checkpoint config that
 # lacks them reads as these values, whatever an arch's defaults have become since.
-RECIPE_BEFORE_ITS_FIELDS = {"d_lr_scale": 1.0, "loss": "bce", "r1_gamma": 0.0, "r1_every": 4,
-                            "d_dropout": 0.3, "translate": 0}
+SETTINGS_BEFORE_THEIR_FIELDS = {"d_lr_scale": 1.0, "loss": "bce", "r1_gamma": 0.0, "r1_every": 4,
+                            "d_dropout": 0.3, "translate": 0, "clusters": 0}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from digitscape_jax.clusters import cluster_bounds, draw_clusters
 from digitscape_jax.config import ArchSpec, Config, NoiseKind
 from digitscape_jax.layers import Conv, ConvTranspose, Dropout, glorot_uniform
 
@@ -22,7 +23,6 @@ BN_EPSILON = 1e-3
 
 IMAGE_SHAPE = (28, 28, 1)
 SEED_SIZE = 7  # The generator's first feature map is SEED_SIZE x SEED_SIZE.
-NUM_CLASSES = 10
 LABEL_EMBEDDING = 16  # Size of the label embedding a conditional generator appends to its noise.
 
 
@@ -48,18 +48,29 @@ class Generator(nn.Module):
 
     `dtype` is the compute dtype (bfloat16 for mixed precision); params and
     BatchNorm statistics are float32 either way. With `num_classes`, it draws
-    the digit `labels` asks for: a learned label embedding joins the noise.
+    the class `labels` asks for: a learned label embedding joins the noise.
+    With `draws_labels` too (self-conditioning, `clusters.py`), the classes are
+    clusters, and where no `labels` are given the noise's first entry picks one
+    by the clusters' frequencies (the "constants" collection); the rest of the
+    noise draws the digit.
     """
 
     spec: ArchSpec
     dtype: Any = jnp.float32
     num_classes: int = 0
+    draws_labels: bool = False
 
     @nn.compact
     def __call__(self, z: jax.Array, train: bool, labels: jax.Array | None = None) -> jax.Array:
         c0 = self.spec.g_dense_channels
         c1, c2 = self.spec.g_conv_channels
         dtype = self.dtype
+        if self.draws_labels:
+            bounds = self.variable("constants", "cluster_bounds", lambda: cluster_bounds(
+                jnp.full(self.num_classes, 1.0 / self.num_classes), self.spec.noise))
+            if labels is None:
+                labels = draw_clusters(z[:, 0], bounds.value)
+            z = z[:, 1:]
         if self.num_classes:
             z = jnp.concatenate([z, nn.Embed(self.num_classes, LABEL_EMBEDDING)(labels)], axis=-1)
         x = nn.Dense(SEED_SIZE * SEED_SIZE * c0, use_bias=False, kernel_init=glorot_uniform,
@@ -100,7 +111,8 @@ class Discriminator(nn.Module):
 
 
 def networks(config: Config, dtype: Any = jnp.float32) -> tuple[Generator, Discriminator]:
-    """G and D of `config`'s arch, label-conditional when it says so, computing in `dtype`."""
-    classes = NUM_CLASSES if config.conditional else 0
-    return (Generator(config.spec, dtype, classes),
+    """G and D of `config`'s arch, conditioned on labels or clusters when it says so,
+    computing in `dtype`."""
+    classes = config.label_count
+    return (Generator(config.spec, dtype, classes, draws_labels=config.clusters > 0),
             Discriminator(config.spec, dtype, classes, config.d_dropout))

@@ -12,9 +12,9 @@ import numpy as np
 from PIL import Image
 
 from digitscape_jax import parallel
-from digitscape_jax.config import Config
+from digitscape_jax.config import NUM_CLASSES, Config
 from digitscape_jax.metrics import MetricsLog, TensorBoardLog
-from digitscape_jax.models import NUM_CLASSES, networks, sample_noise
+from digitscape_jax.models import networks, sample_noise
 from digitscape_jax.plots import image_grid, plot_metrics, save_gif, save_grid, save_image
 from digitscape_jax.sampling import render
 from digitscape_jax.steps import GeneratorState

@@ -11,10 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from digitscape_jax.config import Config
+from digitscape_jax.config import NUM_CLASSES, Config
 from digitscape_jax.errors import UserError
 from digitscape_jax.export import load_msgpack
-from digitscape_jax.models import NUM_CLASSES, Generator, networks, sample_noise
+from digitscape_jax.models import Generator, networks, sample_noise
 from digitscape_jax.steps import abstract_states
 
 SAMPLE_BATCH = 1000

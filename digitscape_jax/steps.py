@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
+from digitscape_jax.clusters import cluster_bounds
 from digitscape_jax.config import Config
 from digitscape_jax.losses import discriminator_loss, generator_loss, r1_penalty, translate
 from digitscape_jax.models import IMAGE_SHAPE, networks, sample_noise
@@ -22,38 +23,48 @@ Metrics = dict[str, jax.Array]
 
 
 class GeneratorState(train_state.TrainState):
-    """G's params and optimizer state, its BatchNorm running statistics, and the
-    exponential moving average of its params, which draws smoother digits."""
+    """G's params and optimizer state, its BatchNorm running statistics, its constants
+    (with --clusters, the clusters' frequencies; else none), and the exponential moving
+    average of its params, which draws smoother digits."""
 
     batch_stats: Any
+    constants: Any
     ema_params: Any
 
     @property
     def variables(self) -> dict[str, Any]:
-        """What `Generator.apply` takes: the trained params and the BatchNorm statistics."""
-        return {"params": self.params, "batch_stats": self.batch_stats}
+        """What `Generator.apply` takes: the trained params, the BatchNorm statistics and the
+        constants."""
+        return self.with_params(self.params)
 
     @property
     def ema_variables(self) -> dict[str, Any]:
-        """The averaged params with the same BatchNorm statistics: what sampling uses."""
-        return {"params": self.ema_params, "batch_stats": self.batch_stats}
+        """The averaged params with the same statistics and constants: what sampling uses."""
+        return self.with_params(self.ema_params)
+
+    def with_params(self, params: Any) -> dict[str, Any]:
+        constants = {"constants": self.constants} if self.constants else {}
+        return {"params": params, "batch_stats": self.batch_stats, **constants}
 
 
-def create_states(config: Config, key: jax.Array) -> tuple[GeneratorState, train_state.TrainState]:
-    """Freshly initialised G and D states, each with its own Adam.
+def create_states(config: Config, key: jax.Array, cluster_frequencies: Any = None
+                  ) -> tuple[GeneratorState, train_state.TrainState]:
+    """Freshly initialised G and D states, each with its own Adam; with --clusters, G draws
+    clusters by `cluster_frequencies` (by default, all equally often).
 
     Compiled as one program: run op by op, the initialisation took longer than
     compiling and running the first update.
     """
-    return _jit_create_states(config)(key)
+    return _jit_create_states(config)(key, cluster_frequencies)
 
 
 @functools.cache
-def _jit_create_states(config: Config) -> Callable[[jax.Array], Any]:
+def _jit_create_states(config: Config) -> Callable[[jax.Array, Any], Any]:
     return jax.jit(functools.partial(_create_states, config))
 
 
-def _create_states(config: Config, key: jax.Array) -> tuple[GeneratorState, train_state.TrainState]:
+def _create_states(config: Config, key: jax.Array, cluster_frequencies: Any
+                   ) -> tuple[GeneratorState, train_state.TrainState]:
     g_key, d_key = jax.random.split(key)
     generator, discriminator = networks(config, jnp.dtype(config.dtype))
     labels = jnp.zeros((1,), jnp.int32)  # Used by conditional networks only.
@@ -63,9 +74,12 @@ def _create_states(config: Config, key: jax.Array) -> tuple[GeneratorState, trai
     def adam(learning_rate: float) -> optax.GradientTransformation:
         return optax.adam(learning_rate, config.beta1, config.beta2, eps=ADAM_EPSILON)
 
+    constants = g_vars.get("constants", {})
+    if cluster_frequencies is not None:
+        constants = {"cluster_bounds": cluster_bounds(cluster_frequencies, config.spec.noise)}
     g_state = GeneratorState.create(
         apply_fn=generator.apply, params=g_vars["params"], tx=adam(config.learning_rate),
-        batch_stats=g_vars["batch_stats"],
+        batch_stats=g_vars["batch_stats"], constants=constants,
         ema_params=jax.tree.map(jnp.copy, g_vars["params"]),  # its own buffers, to donate
     )
     d_state = train_state.TrainState.create(
@@ -99,8 +113,9 @@ def train_step(
 
     `key` is the run's key; the step's randomness (noise, dropout, translations)
     is folded in from `g_state.step`, so it is a pure function of (seed, step).
-    A conditional G draws fakes of the real batch's `labels`, so D sees both
-    halves with the same classes; an unconditional one ignores them.
+    A conditional (or clustered) G draws fakes of the real batch's `labels` (its
+    digits' classes, or clusters), so D sees both halves with the same classes;
+    an unconditional one ignores them.
 
     D scores the real and the fake batch in two calls (it has no batch
     statistics), so that each loss backpropagates only where it depends:
@@ -108,8 +123,8 @@ def train_step(
     `config.r1_every`-th step (counting from 1) also adds the R1 penalty's
     gradient, weighted by `r1_every` so that its average matches an every-step one.
     """
-    if config.conditional and labels is None:
-        raise ValueError("a conditional model trains on labelled batches")
+    if config.label_count and labels is None:
+        raise ValueError("a conditional or clustered model trains on labelled batches")
     step_key = jax.random.fold_in(key, g_state.step)
     noise_key, dropout_key = jax.random.split(step_key)
     real_key, fake_key = jax.random.split(dropout_key)
@@ -119,10 +134,8 @@ def train_step(
     images = translate(real_shift_key, images, config.translate)
 
     def generate(g_params):
-        fake, updates = g_state.apply_fn(
-            {"params": g_params, "batch_stats": g_state.batch_stats},
-            noise, train=True, labels=labels, mutable=["batch_stats"],
-        )
+        fake, updates = g_state.apply_fn(g_state.with_params(g_params), noise, train=True,
+                                         labels=labels, mutable=["batch_stats"])
         return translate(fake_shift_key, fake, config.translate), updates["batch_stats"]
 
     def discriminate(d_params, batch, dropout_key):

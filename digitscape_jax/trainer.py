@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from digitscape_jax import cli, data, parallel
+from digitscape_jax import cli, clusters, data, parallel
 from digitscape_jax.checkpointing import Checkpointer, RunLock
 from digitscape_jax.config import Config
 from digitscape_jax.errors import TrainingDiverged
@@ -81,6 +81,9 @@ def _train(config: Config, paths: RunPaths, stream: TextIO, warn: Callable[[str]
         warn(f"warning: set the unreadable checkpoint aside as {moved}")
 
     images, labels, evaluator = _load_data(config, paths)
+    frequencies = None
+    if config.clusters:  # The clusters stand in for the labels.
+        labels, frequencies = clusters.kmeans(images, config.clusters, config.seed)
     keys = RunKeys.of(config.seed)
     outputs = RunOutputs(config, paths, keys.sample, replicated)
     progress = Progress(start, config.steps, stream)
@@ -88,7 +91,8 @@ def _train(config: Config, paths: RunPaths, stream: TextIO, warn: Callable[[str]
     earlier = outputs.metrics.truncate_after(start) if outputs.primary else []
     wall_before = earlier[-1].get("wall_s", 0.0) if earlier else 0.0  # of the runs resumed
     if states is None:
-        g_state, d_state = jax.device_put(create_states(config, keys.init), replicated)
+        g_state, d_state = jax.device_put(create_states(config, keys.init, frequencies),
+                                          replicated)
         if outputs.primary:
             save_grid(paths.ckpt_dir / REAL_IMAGES, images[:ROW_LENGTH], 1, ROW_LENGTH)
     else:

@@ -8,7 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from digitscape_jax.config import ARCHS, RECIPE_BEFORE_ITS_FIELDS, Config
+from digitscape_jax import clusters
+from digitscape_jax.config import ARCHS, SETTINGS_BEFORE_THEIR_FIELDS, Config
 from digitscape_jax.losses import discriminator_loss, generator_loss, r1_penalty, translate
 from digitscape_jax.models import sample_noise
 from digitscape_jax.steps import create_states, jit_train_step
@@ -176,20 +177,24 @@ def test_a_checkpoint_config_from_before_the_recipe_fields_reads_as_its_old_reci
                                                                                   0.3, 0)
     assert (config.learning_rate, config.d_lr_scale) == (2e-4, 1.0)
     # Whatever the arch's defaults have become: these are what every run used before.
-    for name, value in RECIPE_BEFORE_ITS_FIELDS.items():
+    for name, value in SETTINGS_BEFORE_THEIR_FIELDS.items():
         assert getattr(config, name) == value
     assert Config.from_json(config.to_json()) == config
 
 
 def test_the_regularised_recipe_trains(real_batch):
-    """A short run with every lever on: finite, and D learns to tell real from fake."""
+    """A short run with every lever on, self-conditioned on clusters of the batch: finite, and
+    D learns to tell real from fake."""
     config = Config(arch="seed", loss="hinge", r1_gamma=1.0, r1_every=2, translate=2,
-                    d_dropout=0.0, d_lr_scale=2.0, learning_rate=1e-3, beta2=0.99)
-    g_state, d_state = create_states(config, jax.random.key(0))
+                    d_dropout=0.0, d_lr_scale=2.0, learning_rate=1e-3, beta2=0.99, clusters=4)
+    pixels = np.round((real_batch + 1.0) * 127.5).astype(np.uint8)
+    batch_clusters, frequencies = clusters.kmeans(pixels, 4, seed=0)
+    g_state, d_state = create_states(config, jax.random.key(0), frequencies)
     step = jit_train_step(config)
     first = None
     for _ in range(30):
-        g_state, d_state, metrics = step(g_state, d_state, real_batch, jax.random.key(1))
+        g_state, d_state, metrics = step(g_state, d_state, real_batch, jax.random.key(1),
+                                         batch_clusters)
         first = first or {k: float(v) for k, v in metrics.items()}
     assert all(np.isfinite(float(v)) for v in metrics.values())
     assert float(metrics["d_real"]) > float(metrics["d_fake"]) + 0.2

@@ -20,12 +20,14 @@ import sample
 TOLERANCE = 1e-4  # max abs difference from the JAX generator, in [-1, 1]
 
 
-def checkpoint(directory: Path, conditional: bool) -> tuple[Config, GeneratorState]:
+def checkpoint(directory: Path, conditional: bool, clusters: int = 0
+               ) -> tuple[Config, GeneratorState]:
     """Writes a `seed` checkpoint whose moving average differs from the trained weights, with
-    BatchNorm statistics far from their initial (0, 1), so that each one shows in the output;
-    returns its config and G's state."""
-    config = Config(arch="seed", conditional=conditional)
-    g_state, d_state = create_states(config, jax.random.key(0))
+    BatchNorm statistics far from their initial (0, 1), so that each one shows in the output
+    (and, with clusters, unequal cluster frequencies); returns its config and G's state."""
+    config = Config(arch="seed", conditional=conditional, clusters=clusters)
+    frequencies = np.linspace(1.0, 2.0, clusters) / np.linspace(1.0, 2.0, clusters).sum()
+    g_state, d_state = create_states(config, jax.random.key(0), frequencies if clusters else None)
     leaves, tree = jax.tree.flatten(g_state.batch_stats)
     keys = jax.random.split(jax.random.key(1), len(leaves))
     stats = [jax.random.uniform(k, x.shape, minval=0.5, maxval=1.5) for k, x in zip(keys, leaves)]
@@ -35,13 +37,14 @@ def checkpoint(directory: Path, conditional: bool) -> tuple[Config, GeneratorSta
     return config, g_state
 
 
-@pytest.mark.parametrize("conditional, raw", [(False, False), (True, True)],
-                         ids=["unconditional-ema", "conditional-raw"])
-def test_onnx_export_matches_the_jax_generator(tmp_path, conditional, raw):
+@pytest.mark.parametrize("conditional, clusters, raw",
+                         [(False, 0, False), (True, 0, True), (False, 5, False)],
+                         ids=["unconditional-ema", "conditional-raw", "clustered-ema"])
+def test_onnx_export_matches_the_jax_generator(tmp_path, conditional, clusters, raw):
     import onnxruntime
 
     ckpt = tmp_path / "ckpt"
-    config, g_state = checkpoint(ckpt, conditional)
+    config, g_state = checkpoint(ckpt, conditional, clusters)
     variables, other_variables = g_state.variables, g_state.ema_variables
     if not raw:
         variables, other_variables = other_variables, variables

@@ -12,15 +12,17 @@ import threading
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from digitscape_jax import data, trainer
+from digitscape_jax import clusters, data, trainer
 from digitscape_jax.checkpointing import Checkpointer
+from digitscape_jax.clusters import cluster_bounds
 from digitscape_jax.config import Config
 from digitscape_jax.outputs import FINAL_GRID, PROGRESS_GIF, RunPaths
 from digitscape_jax.plots import metric_panels
-from digitscape_jax.steps import train_step
+from digitscape_jax.steps import abstract_states, train_step
 from conftest import gif_frames
 
 
@@ -67,6 +69,25 @@ def test_train_writes_every_output_and_resumes_in_process(mock_mnist, tmp_path):
     # The wall clock of each record counts on from the run it resumed.
     walls = [r["wall_s"] for r in records(paths)]
     assert 0 < walls[0] and walls == sorted(walls) and walls[3] > walls[2]
+
+
+def test_a_clustered_run_keeps_its_cluster_prior_and_resumes_bitwise(mock_mnist, tmp_path):
+    """--clusters: G's checkpointed prior is the clusters' frequencies in the split, and a run
+    stopped and resumed (which clusters the split again) ends where an unstopped one does."""
+    config = Config(arch="seed", clusters=4, batch_size=16, steps=6, log_every=3, ckpt_every=3,
+                    sample_every=6, eval_every=0)
+    whole, halves = run_paths(tmp_path / "whole"), run_paths(tmp_path / "halves")
+    trainer.train(config, whole, stream=io.StringIO())
+    trainer.train(dataclasses.replace(config, steps=3), halves, stream=io.StringIO())
+    trainer.train(config, halves, stream=io.StringIO())
+    abstract = abstract_states(config)
+    (g_whole, d_whole), (g_halves, d_halves) = (
+        Checkpointer(paths.ckpt_dir).restore(6, abstract) for paths in (whole, halves))
+    jax.tree.map(np.testing.assert_array_equal, (g_whole, d_whole), (g_halves, d_halves))
+    images, _ = data.load_split("train", whole.data_dir)
+    _, frequencies = clusters.kmeans(images, 4, seed=0)
+    np.testing.assert_allclose(g_whole.constants["cluster_bounds"],
+                               cluster_bounds(frequencies, "uniform"))
 
 
 def patch_step(monkeypatch, dispatched: list | None = None, busy_matmuls: int = 0,

@@ -1,0 +1,88 @@
+"""Self-conditioning: k-means clusters of the training digits stand in for labels.
+
+An unconditional GAN learns far faster as a conditional one whose classes are
+clusters of its own training data, found without labels (Liu et al., 2020,
+"Diverse Image Generation via Self-Conditioned GANs"; here k-means on pixels).
+G and D are conditioned on the cluster of each real digit, and G draws a
+cluster from its noise's first entry, by the clusters' frequencies, so that it
+stays a function of noise alone for sampling, export and the demo.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from digitscape_jax.config import NoiseKind
+from digitscape_jax.errors import UserError
+
+KMEANS_ITERATIONS = 20
+
+
+def kmeans(images: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each uint8 image's cluster (int32 (N,)) and each cluster's share of the images
+    (float32 (k,)), by Lloyd's k-means on (pooled) pixels, seeded by k-means++ from `seed`.
+
+    Deterministic: a run recomputes the same clusters when it resumes."""
+    if k > len(images):
+        raise UserError(f"--clusters {k} is more than the {len(images)} training images")
+    pixels = _pooled_pixels(images)
+    centroids = _kmeans_plus_plus(pixels, jax.random.key(seed), k)
+    for _ in range(KMEANS_ITERATIONS):
+        centroids, assignments, counts = _lloyd_step(pixels, centroids)
+    return np.asarray(assignments, np.int32), np.asarray(counts / len(images), np.float32)
+
+
+def _pooled_pixels(images: np.ndarray) -> jax.Array:
+    """Images as points to cluster: 2x2-averaged pixels in [0, 1] (14 x 14 keeps a digit's
+    shape, at a quarter of the distances' cost)."""
+    pixels = jnp.asarray(images, jnp.float32).reshape(len(images), 14, 2, 14, 2) / 255.0
+    return pixels.mean(axis=(2, 4)).reshape(len(images), -1)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _kmeans_plus_plus(pixels: jax.Array, key: jax.Array, k: int) -> jax.Array:
+    """k initial centroids (Arthur & Vassilvitskii, 2007): the first a random point, each next
+    one drawn with probability proportional to its squared distance from those chosen, so
+    that they spread over the data and no group starts without one."""
+    first_key, key = jax.random.split(key)
+    first = pixels[jax.random.randint(first_key, (), 0, len(pixels))]
+    centroids = jnp.zeros((k, pixels.shape[1]), pixels.dtype).at[0].set(first)
+    nearest = jnp.sum((pixels - first) ** 2, axis=1)
+
+    def add(i, carry):
+        centroids, nearest = carry
+        chosen = pixels[jax.random.choice(jax.random.fold_in(key, i), len(pixels),
+                                          p=nearest / jnp.sum(nearest))]
+        return (centroids.at[i].set(chosen),
+                jnp.minimum(nearest, jnp.sum((pixels - chosen) ** 2, axis=1)))
+
+    return jax.lax.fori_loop(1, k, add, (centroids, nearest))[0]
+
+
+@jax.jit
+def _lloyd_step(pixels: jax.Array, centroids: jax.Array
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Assigns each point to its nearest centroid and moves each centroid to the mean of its
+    points (an empty cluster keeps its centroid)."""
+    distances = jnp.sum(centroids**2, axis=1) - 2 * pixels @ centroids.T  # + |x|^2, the same
+    assignments = jnp.argmin(distances, axis=1)
+    members = jax.nn.one_hot(assignments, centroids.shape[0], dtype=pixels.dtype)
+    counts = jnp.sum(members, axis=0)
+    moved = (members.T @ pixels) / jnp.maximum(counts, 1.0)[:, None]  # a matmul: fast on CPU
+    return jnp.where(counts[:, None] > 0, moved, centroids), assignments, counts
+
+
+def cluster_bounds(frequencies: jax.Array, noise: NoiseKind) -> jax.Array:
+    """The k - 1 values of the noise's first entry that split its prior into the clusters'
+    frequencies: cluster c is drawn where it lies between bounds c - 1 and c."""
+    cumulative = jnp.clip(jnp.cumsum(frequencies)[:-1], 0.0, 1.0)
+    return cumulative if noise == "uniform" else jax.scipy.special.ndtri(cumulative)
+
+
+def draw_clusters(first_noise: jax.Array, bounds: jax.Array) -> jax.Array:
+    """The cluster (int32) that each noise's first entry falls in, between `bounds`."""
+    return jnp.sum(first_noise[:, None] > bounds[None, :], axis=1, dtype=jnp.int32)

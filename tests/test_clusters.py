@@ -1,0 +1,118 @@
+"""Self-conditioning (--clusters): k-means on pixels, the cluster prior in G's noise, and
+checkpoints from before G had constants."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from digitscape_jax import clusters
+from digitscape_jax.checkpointing import Checkpointer
+from digitscape_jax.config import Config, ConfigError
+from digitscape_jax.errors import UserError
+from digitscape_jax.models import networks, sample_noise
+from digitscape_jax.steps import abstract_states, create_states, train_step
+
+
+def groups_of_images(sizes: list[int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images in len(sizes) well-separated groups (each its own bright square), and
+    each image's group."""
+    rng = np.random.default_rng(seed)
+    groups = np.repeat(np.arange(len(sizes)), sizes)
+    images = rng.integers(0, 20, (len(groups), 28, 28, 1)).astype(np.uint8)
+    for group in range(len(sizes)):
+        row, col = divmod(group, 4)
+        images[groups == group, 7 * row:7 * row + 7, 7 * col:7 * col + 7] = 250
+    order = rng.permutation(len(groups))
+    return images[order], groups[order]
+
+
+def test_kmeans_finds_separated_groups_and_their_shares_deterministically():
+    sizes = [30, 60, 90, 20]
+    images, groups = groups_of_images(sizes)
+    assignments, frequencies = clusters.kmeans(images, 4, seed=0)
+    assert assignments.dtype == np.int32 and assignments.shape == (200,)
+    # One cluster per group, whatever their numbering.
+    pairs = set(zip(groups.tolist(), assignments.tolist()))
+    assert len(pairs) == 4 and len({c for _, c in pairs}) == 4
+    by_group = dict(pairs)
+    np.testing.assert_allclose([frequencies[by_group[g]] for g in range(4)],
+                               np.array(sizes) / 200, atol=1e-6)
+    again, _ = clusters.kmeans(images, 4, seed=0)
+    np.testing.assert_array_equal(again, assignments)
+    with pytest.raises(UserError, match="--clusters 201 is more than the 200 training images"):
+        clusters.kmeans(images, 201, seed=0)
+
+
+@pytest.mark.parametrize("noise", ["normal", "uniform"])
+def test_the_noise_draws_each_cluster_at_its_frequency(noise):
+    frequencies = jnp.array([0.5, 0.0, 0.2, 0.3])
+    bounds = clusters.cluster_bounds(frequencies, noise)
+    first = sample_noise(jax.random.key(0), noise, (200_000, 1))[:, 0]
+    drawn = np.bincount(np.asarray(clusters.draw_clusters(first, bounds)), minlength=4)
+    np.testing.assert_allclose(drawn / len(first), frequencies, atol=0.005)
+    assert drawn[1] == 0  # an empty cluster is never drawn
+
+
+def test_a_clustered_generator_draws_its_cluster_from_the_first_noise_entry():
+    config = Config(arch="seed", clusters=3)
+    frequencies = np.array([0.2, 0.3, 0.5], np.float32)
+    g_state, _ = create_states(config, jax.random.key(0), frequencies)
+    bounds = g_state.constants["cluster_bounds"]
+    np.testing.assert_allclose(bounds, [0.2, 0.5], rtol=1e-6)  # uniform noise: cumulative shares
+    generator, discriminator = networks(config)
+    assert (generator.num_classes, discriminator.num_classes) == (3, 3)
+    noise = sample_noise(jax.random.key(1), "uniform", (64, 100))
+    picked = clusters.draw_clusters(noise[:, 0], bounds)
+    assert set(np.asarray(picked).tolist()) == {0, 1, 2}
+
+    def draw(noise, labels=None):
+        return generator.apply(g_state.variables, noise, train=False, labels=labels)
+
+    np.testing.assert_array_equal(draw(noise), draw(noise, picked))
+    # Given labels, the first entry only picks: it changes nothing else.
+    moved = noise.at[:, 0].set(0.99)
+    np.testing.assert_array_equal(draw(moved, picked), draw(noise, picked))
+    assert float(jnp.abs(draw(noise, (picked + 1) % 3) - draw(noise, picked)).max()) > 1e-3
+
+
+def test_a_clustered_update_needs_its_batchs_clusters(real_batch):
+    config = Config(arch="seed", clusters=3)
+    g_state, d_state = create_states(config, jax.random.key(0))
+    with pytest.raises(ValueError, match="trains on labelled batches"):
+        train_step(g_state, d_state, real_batch, jax.random.key(1), config=config)
+
+
+def test_clusters_are_the_arch_s_unless_the_model_is_conditional():
+    assert Config(arch="seed").clusters == 0
+    assert Config(arch="seed", clusters=8).label_count == 8
+    assert Config(arch="seed", conditional=True).label_count == 10
+    for name in ("seed", "dcgan", "small"):
+        assert Config(arch=name, conditional=True).clusters == 0
+    with pytest.raises(ConfigError, match="cannot be combined with --conditional"):
+        Config(arch="seed", conditional=True, clusters=8)
+    with pytest.raises(ConfigError, match="must be 0 or at least 2, got 1"):
+        Config(arch="seed", clusters=1)
+
+
+def test_a_checkpoint_from_before_g_had_constants_restores(tmp_path):
+    """Such a checkpoint stores G's state without a `constants` field: it reads as none."""
+    config = Config(arch="seed")
+    g_state, d_state = create_states(config, jax.random.key(0))
+    ckpt = Checkpointer(tmp_path)
+    old_g_state = {name: getattr(g_state, name)
+                   for name in ("step", "params", "opt_state", "batch_stats", "ema_params")}
+    ckpt._manager.save(7, args=ocp.args.Composite(
+        g_state=ocp.args.StandardSave(old_g_state), d_state=ocp.args.StandardSave(d_state),
+        config=ocp.args.JsonSave(config.to_json())))
+    ckpt._manager.wait_until_finished()
+    restored_g, restored_d = ckpt.restore(7, abstract_states(config))
+    assert restored_g.constants == {}
+    jax.tree.map(np.testing.assert_array_equal, (restored_g.params, restored_g.ema_params,
+                                                 restored_d.params),
+                 (g_state.params, g_state.ema_params, d_state.params))
+    assert ckpt.restore_generator(7, abstract_states(config)).variables.keys() == {
+        "params", "batch_stats"}
