@@ -73,18 +73,26 @@ BN_EPSILON = 1e-3
 ADAM_EPSILON = 1e-7
 KERNEL = 5
 SEED_SIZE = 7  # G's first feature map is 7x7; images are 28x28x1.
+LABEL_EMBEDDING = 16  # Size of a conditioned G's label embedding, beside the noise.
 IMAGE_SIZE = 28
 
 
 # --- Work per step ----------------------------------------------------------------------------
 
 
-def generator_macs(spec: ArchSpec) -> int:
+def generator_inputs(config: Config) -> int:
+    """The size of G's Dense input: the noise (less the entry that draws a cluster, where G
+    draws one) and the label embedding of a conditioned G."""
+    return LATENT_DIM - (config.clusters > 0) + LABEL_EMBEDDING * (config.label_count > 0)
+
+
+def generator_macs(config: Config) -> int:
     """Multiply-adds of G's Dense and transposed convolutions for one noise vector."""
+    spec = config.spec
     c0, (c1, c2) = spec.g_dense_channels, spec.g_conv_channels
     pixels_in = SEED_SIZE**2, (2 * SEED_SIZE) ** 2
     return (
-        LATENT_DIM * pixels_in[0] * c0                 # Dense
+        generator_inputs(config) * pixels_in[0] * c0   # Dense
         + pixels_in[0] * KERNEL**2 * c0 * c1           # 7x7 -> 7x7
         + pixels_in[0] * KERNEL**2 * c1 * c2           # 7x7 -> 14x14
         + pixels_in[1] * KERNEL**2 * c2 * 1            # 14x14 -> 28x28
@@ -102,7 +110,7 @@ def discriminator_macs(spec: ArchSpec) -> int:
     )
 
 
-def step_flops(spec: ArchSpec, batch: int) -> int:
+def step_flops(config: Config, batch: int) -> int:
     """Analytical FLOPs of one update: 3 * F_G + 3.5 * F_D.
 
     F_G = 2 * MACs of G on `batch` noise vectors and F_D = 2 * MACs of D on 2 * `batch` images
@@ -116,12 +124,13 @@ def step_flops(spec: ArchSpec, batch: int) -> int:
         g_loss backward: D's input gradients, fakes     F_D / 2
                          then all of G                  2 * F_G
 
-    BatchNorm, activations, dropout, the losses and Adam are elementwise and left out; taps on
+    BatchNorm, activations, dropout, label embeddings and projections, the losses and Adam are
+    elementwise (or nearly) and left out; taps on
     'SAME' padding are counted. The count is the same for every framework, so GFLOP/s compare
     as the times do.
     """
-    f_g = 2 * generator_macs(spec) * batch
-    f_d = 2 * discriminator_macs(spec) * 2 * batch
+    f_g = 2 * generator_macs(config) * batch
+    f_d = 2 * discriminator_macs(config.spec) * 2 * batch
     return 3 * f_g + 7 * f_d // 2
 
 
@@ -143,6 +152,14 @@ def fixed_images(batch: int) -> np.ndarray:
     return rng.uniform(-1, 1, (batch, IMAGE_SIZE, IMAGE_SIZE, 1)).astype(np.float32)
 
 
+def fixed_labels(batch: int, config: Config) -> np.ndarray | None:
+    """The real batch's classes (digits or clusters) where the arch is conditioned on them,
+    int32, the same for every framework; else None."""
+    if not config.label_count:
+        return None
+    return np.random.default_rng(1).integers(0, config.label_count, batch).astype(np.int32)
+
+
 def build_jax(arch: str, batch: int, gpu: bool) -> Built:
     """Ours: `create_states` and `jit_train_step`, blocking on the new states and metrics."""
     if not gpu:
@@ -160,10 +177,12 @@ def build_jax(arch: str, batch: int, gpu: bool) -> Built:
     states = create_states(config, key)
     train_step = jit_train_step(config)
     images = jnp.asarray(fixed_images(batch))
+    labels = fixed_labels(batch, config)
 
     def step() -> float:
         nonlocal states
-        g_state, d_state, metrics = jax.block_until_ready(train_step(*states, images, key))
+        g_state, d_state, metrics = jax.block_until_ready(train_step(*states, images, key,
+                                                                     labels))
         states = g_state, d_state
         return float(metrics["d_loss"])
 
@@ -180,8 +199,9 @@ def peer_recipe(arch: str) -> Config:
     return config
 
 
-def keras_models(spec: ArchSpec, dropout: float) -> tuple[keras.Sequential, keras.Sequential]:
-    """G and D as Keras Sequential models, layer for layer as in digitscape_jax.models."""
+def keras_models(config: Config) -> tuple[keras.Model, keras.Model]:
+    """G and D as Keras models, layer for layer as in digitscape_jax.models: Sequential, or
+    with two inputs (noise or images, and labels) where the arch is conditioned on labels."""
     import keras
     from keras import layers
 
@@ -193,9 +213,10 @@ def keras_models(spec: ArchSpec, dropout: float) -> tuple[keras.Sequential, kera
         return layers.Conv2DTranspose(channels, KERNEL, strides=strides, padding="same",
                                       use_bias=False, **kwargs)
 
+    spec = config.spec
     c0, (c1, c2) = spec.g_dense_channels, spec.g_conv_channels
-    generator = keras.Sequential([
-        keras.Input((LATENT_DIM,)),
+    g_body = keras.Sequential([
+        keras.Input((generator_inputs(config),)),
         layers.Dense(SEED_SIZE * SEED_SIZE * c0, use_bias=False), *batch_norm_leaky(),
         layers.Reshape((SEED_SIZE, SEED_SIZE, c0)),
         conv_transpose(c1, 1), *batch_norm_leaky(),
@@ -206,11 +227,25 @@ def keras_models(spec: ArchSpec, dropout: float) -> tuple[keras.Sequential, kera
     for channels in spec.d_channels:
         d_layers += [layers.Conv2D(channels, KERNEL, strides=2, padding="same"),
                      layers.LeakyReLU(negative_slope=LEAKY_SLOPE)]
-        d_layers += [layers.Dropout(dropout)] if dropout else []
-    discriminator = keras.Sequential([
-        keras.Input((IMAGE_SIZE, IMAGE_SIZE, 1)), *d_layers, layers.Flatten(), layers.Dense(1),
-    ])
-    return generator, discriminator
+        d_layers += [layers.Dropout(config.d_dropout)] if config.d_dropout else []
+    d_features = keras.Sequential([keras.Input((IMAGE_SIZE, IMAGE_SIZE, 1)), *d_layers,
+                                   layers.Flatten()])
+    d_head = layers.Dense(1)
+    if not config.label_count:
+        return g_body, keras.Sequential([d_features, d_head])
+    noise, images = keras.Input((LATENT_DIM,)), keras.Input((IMAGE_SIZE, IMAGE_SIZE, 1))
+    g_labels, d_labels = keras.Input((), dtype="int32"), keras.Input((), dtype="int32")
+    kept_noise = noise[:, 1:] if config.clusters else noise  # the first entry draws a cluster
+    def embedding(features: int) -> keras.Layer:  # initialised as Flax's: N(0, 1 / features)
+        return layers.Embedding(config.label_count, features, embeddings_initializer=
+                                keras.initializers.RandomNormal(stddev=features**-0.5))
+
+    embedded = embedding(LABEL_EMBEDDING)(g_labels)
+    generator = keras.Model([noise, g_labels], g_body(layers.Concatenate()([kept_noise, embedded])))
+    features = d_features(images)
+    projection = embedding(features.shape[-1])(d_labels)
+    logits = d_head(features) + keras.ops.sum(projection * features, axis=-1, keepdims=True)
+    return generator, keras.Model([images, d_labels], logits)
 
 
 def build_tf(arch: str, batch: int) -> Built:
@@ -223,25 +258,30 @@ def build_tf(arch: str, batch: int) -> Built:
     keras.utils.set_random_seed(0)
     config = peer_recipe(arch)
     spec = config.spec
-    generator, discriminator = keras_models(spec, config.d_dropout)
+    generator, discriminator = keras_models(config)
     g_opt, d_opt = (keras.optimizers.Adam(lr, config.beta1, config.beta2, epsilon=ADAM_EPSILON)
                     for lr in (config.learning_rate, config.learning_rate * config.d_lr_scale))
     g_opt.build(generator.trainable_variables)
     d_opt.build(discriminator.trainable_variables)
     sample_noise = tf.random.uniform if spec.noise == "uniform" else tf.random.normal
     images = tf.constant(fixed_images(batch))
+    labels = fixed_labels(batch, config)
+    labels = None if labels is None else tf.constant(labels)
 
     def bce(logits: tf.Tensor, label: float) -> tf.Tensor:
-        labels = tf.fill(tf.shape(logits), label)
-        return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels, logits))
+        targets = tf.fill(tf.shape(logits), label)
+        return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(targets, logits))
+
+    def conditioned(x: tf.Tensor) -> Any:
+        return x if labels is None else [x, labels]
 
     @tf.function
     def train_step(real: tf.Tensor) -> tf.Tensor:
         noise = sample_noise((batch, LATENT_DIM))
         with tf.GradientTape(persistent=True) as tape:
-            fake = generator(noise, training=True)
-            real_logits = discriminator(real, training=True)[:, 0]
-            fake_logits = discriminator(fake, training=True)[:, 0]
+            fake = generator(conditioned(noise), training=True)
+            real_logits = discriminator(conditioned(real), training=True)[:, 0]
+            fake_logits = discriminator(conditioned(fake), training=True)[:, 0]
             if config.loss == "hinge":
                 d_loss = (tf.reduce_mean(tf.nn.relu(1.0 - real_logits))
                           + tf.reduce_mean(tf.nn.relu(1.0 + fake_logits))) / 2
@@ -258,8 +298,10 @@ def build_tf(arch: str, batch: int) -> Built:
     return Built(lambda: float(train_step(images)), tf.__version__, "cpu")
 
 
-def torch_models(spec: ArchSpec, dropout: float) -> tuple[torch.nn.Sequential, torch.nn.Sequential]:
-    """G and D as `nn.Sequential`, NCHW, with Keras's BatchNorm, slopes and glorot_uniform."""
+def torch_models(config: Config) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """G and D, NCHW, with Keras's BatchNorm, slopes and glorot_uniform: `nn.Sequential`, or
+    taking labels too where the arch is conditioned on them."""
+    import torch
     from torch import nn
 
     def batch_norm_leaky(channels: int, norm: type[nn.Module] = nn.BatchNorm2d) -> list[nn.Module]:
@@ -271,9 +313,10 @@ def torch_models(spec: ArchSpec, dropout: float) -> tuple[torch.nn.Sequential, t
         return nn.ConvTranspose2d(c_in, c_out, KERNEL, stride, padding=KERNEL // 2,
                                   output_padding=stride - 1, bias=False)
 
+    spec = config.spec
     c0, (c1, c2) = spec.g_dense_channels, spec.g_conv_channels
     generator = nn.Sequential(
-        nn.Linear(LATENT_DIM, SEED_SIZE * SEED_SIZE * c0, bias=False),
+        nn.Linear(generator_inputs(config), SEED_SIZE * SEED_SIZE * c0, bias=False),
         *batch_norm_leaky(SEED_SIZE * SEED_SIZE * c0, nn.BatchNorm1d),
         nn.Unflatten(1, (c0, SEED_SIZE, SEED_SIZE)),
         conv_transpose(c0, c1, 1), *batch_norm_leaky(c1),
@@ -281,18 +324,54 @@ def torch_models(spec: ArchSpec, dropout: float) -> tuple[torch.nn.Sequential, t
         conv_transpose(c2, 1, 2), nn.Tanh(),
     )
     d1, d2 = spec.d_channels
-    dropped = [nn.Dropout(dropout)] if dropout else []
-    discriminator = nn.Sequential(
+    dropped = [nn.Dropout(config.d_dropout)] if config.d_dropout else []
+    d_features = nn.Sequential(
         nn.Conv2d(1, d1, KERNEL, 2, padding=KERNEL // 2), nn.LeakyReLU(LEAKY_SLOPE), *dropped,
         nn.Conv2d(d1, d2, KERNEL, 2, padding=KERNEL // 2), nn.LeakyReLU(LEAKY_SLOPE), *dropped,
-        nn.Flatten(), nn.Linear((IMAGE_SIZE // 4) ** 2 * d2, 1),
+        nn.Flatten(),
     )
-    for module in [*generator, *discriminator]:
+    d_head = nn.Linear((IMAGE_SIZE // 4) ** 2 * d2, 1)
+    for module in [*generator, *d_features, d_head]:
         if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
             nn.init.xavier_uniform_(module.weight)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
-    return generator, discriminator
+    if not config.label_count:
+        return generator, nn.Sequential(*d_features, d_head)
+
+    def embedding(features: int) -> nn.Embedding:
+        """An embedding of the labels, initialised as Flax's: N(0, 1 / features)."""
+        table = nn.Embedding(config.label_count, features)
+        nn.init.normal_(table.weight, std=features**-0.5)
+        return table
+
+    class ConditionedGenerator(nn.Module):
+        """The label's embedding joins the noise (less its first entry, which draws a cluster
+        where G draws one)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.embedding = embedding(LABEL_EMBEDDING)
+            self.body = generator
+
+        def forward(self, noise: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            kept = noise[:, 1:] if config.clusters else noise
+            return self.body(torch.cat([kept, self.embedding(labels)], dim=1))
+
+    class ProjectionDiscriminator(nn.Module):
+        """The logit adds the features' inner product with an embedding of the label."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.features, self.head = d_features, d_head
+            self.projection = embedding(d_head.in_features)
+
+        def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            features = self.features(images)
+            return self.head(features) + (self.projection(labels) * features).sum(
+                dim=1, keepdim=True)
+
+    return ConditionedGenerator(), ProjectionDiscriminator()
 
 
 def build_torch(arch: str, batch: int, gpu: bool, threads: int, compile_models: bool) -> Built:
@@ -307,8 +386,7 @@ def build_torch(arch: str, batch: int, gpu: bool, threads: int, compile_models: 
     device = torch.device("cuda" if gpu else "cpu")
     config = peer_recipe(arch)
     spec = config.spec
-    generator, discriminator = (model.to(device)
-                                for model in torch_models(spec, config.d_dropout))
+    generator, discriminator = (model.to(device) for model in torch_models(config))
     g_params, d_params = list(generator.parameters()), list(discriminator.parameters())
     g_opt, d_opt = (torch.optim.Adam(params, lr, (config.beta1, config.beta2), eps=ADAM_EPSILON)
                     for params, lr in ((g_params, config.learning_rate),
@@ -319,13 +397,16 @@ def build_torch(arch: str, batch: int, gpu: bool, threads: int, compile_models: 
         generator, discriminator = torch.compile(generator), torch.compile(discriminator)
     sample_noise = torch.rand if spec.noise == "uniform" else torch.randn
     images = torch.from_numpy(fixed_images(batch)).permute(0, 3, 1, 2).contiguous().to(device)
+    labels = fixed_labels(batch, config)
+    labelled = () if labels is None else (torch.from_numpy(labels).long().to(device),)
 
     def bce(logits: torch.Tensor, label: float) -> torch.Tensor:
         return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, label))
 
     def step() -> float:
-        fake = generator(sample_noise(batch, LATENT_DIM, device=device))
-        real_logits, fake_logits = discriminator(images)[:, 0], discriminator(fake)[:, 0]
+        fake = generator(sample_noise(batch, LATENT_DIM, device=device), *labelled)
+        real_logits = discriminator(images, *labelled)[:, 0]
+        fake_logits = discriminator(fake, *labelled)[:, 0]
         if config.loss == "hinge":
             d_loss = (F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean()) / 2
             g_loss = -fake_logits.mean()
@@ -409,7 +490,7 @@ def summarize(arch: str, batch: int, runs: list[dict[str, Any]]) -> dict[str, An
         "median_step_s": median,
         "iqr_pct": 100 * (q3 - q1) / median,
         "images_per_s": batch / median,
-        "gflops_per_s": step_flops(ARCHS[arch], batch) / median / 1e9,
+        "gflops_per_s": step_flops(Config(arch=arch), batch) / median / 1e9,
         "first_step_s": statistics.median(run["first_step_s"] for run in runs),
         "first_d_loss": runs[0]["first_d_loss"],
         "peak_rss_mb": max(run["peak_rss_mb"] for run in runs),
@@ -485,7 +566,7 @@ def report(args: argparse.Namespace, rows: list[dict[str, Any]], notes: list[str
     """The machine, the versions, the work per step, the table and the notes."""
     info = machine()
     versions = {r["framework"]: f"{r['version']} ({r['device']})" for r in rows}
-    work = ", ".join(f"{a} b{b}: {step_flops(ARCHS[a], b) / 1e9:.2f}"
+    work = ", ".join(f"{a} b{b}: {step_flops(Config(arch=a), b) / 1e9:.2f}"
                      for a in args.archs for b in args.batches)
     lines = [
         f"machine: {info['cpu']}, {info['cores']} cores, load {info['load_1min']:.1f} "
@@ -508,7 +589,7 @@ def write_json(target: str, args: argparse.Namespace, rows: list[dict[str, Any]]
         "settings": {k: getattr(args, k) for k in
                      ("archs", "batches", "frameworks", "rounds", "steps", "warmup", "device",
                       "torch_threads", "torch_compile")},
-        "flops_per_step": {f"{a}/{b}": step_flops(ARCHS[a], b)
+        "flops_per_step": {f"{a}/{b}": step_flops(Config(arch=a), b)
                            for a in args.archs for b in args.batches},
         "results": rows,
         "notes": notes,

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TRAIN_FLAGS, run_script
+from conftest import REPO, TRAIN_FLAGS, run_script
 from digitscape_jax import cli, data
 from digitscape_jax.plots import GRID_PAD
 
@@ -193,6 +195,11 @@ def test_cli_errors_are_one_line_in_a_real_process(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == ("train.py: error: argument --batch-size: must be positive, "
                                      "got 0 (see --help)")
+    result = subprocess.run([sys.executable, "-m", "digitscape_jax.evaluate", "--npz",
+                             str(tmp_path / "nowhere.npz")], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: --npz {tmp_path / 'nowhere.npz'}: no such file"
 
 
 def test_unwritable_output_paths_are_one_line_errors(capsys, tmp_path, trained_run):

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, write_idx
+from conftest import write_idx
 
 from digitscape_jax import classifier, cli, data
 from digitscape_jax import evaluate as ev
@@ -157,15 +155,13 @@ def small_mnist_idx(tmp_path_factory, mnist):
     return folder
 
 
-def test_cli_evaluates_an_npz_in_a_real_process(tmp_path, mnist, small_mnist_idx):
+def test_cli_evaluates_an_npz(tmp_path, mnist, small_mnist_idx, capsys):
     _, (test, labels) = mnist
     np.savez_compressed(tmp_path / "real.npz", images=test[1000:1500], labels=labels[1000:1500])
-    result = subprocess.run(
-        [sys.executable, "-m", "digitscape_jax.evaluate", "--npz", str(tmp_path / "real.npz"),
-         "--mnist-idx", str(small_mnist_idx), "--json", str(tmp_path / "m.json")],
-        check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert "FD, classifier features" in result.stdout and "label accuracy" in result.stdout
+    assert cli.run(ev.main, ["--npz", str(tmp_path / "real.npz"), "--mnist-idx",
+                             str(small_mnist_idx), "--json", str(tmp_path / "m.json")]) == 0
+    stdout = capsys.readouterr().out
+    assert "FD, classifier features" in stdout and "label accuracy" in stdout
     numbers = json.loads((tmp_path / "m.json").read_text())
     assert numbers["n"] == 500 and numbers["reference_n"] == 1000
     assert numbers["fd"] < 40 and numbers["label_accuracy"] >= 0.98  # noise: about 800

@@ -48,7 +48,7 @@ def test_r1_is_the_mean_squared_norm_of_each_real_digits_input_gradient(real_bat
 def test_the_update_applies_the_hinge_and_lazy_r1_gradients(real_batch):
     """D's gradient is that of its hinge loss plus, every r1_every-th step (counting from 1),
     r1_every * gamma / 2 times R1's; the other steps skip R1 (and report 0)."""
-    config = Config(arch="small", loss="hinge", r1_gamma=2.0, r1_every=4, d_dropout=0.0)
+    config = Config(arch="seed", loss="hinge", r1_gamma=2.0, r1_every=4, d_dropout=0.0)
     g_state, d_state = create_states(config, jax.random.key(0))
     sgd = optax.sgd(1.0)  # at rate 1, each update is minus the gradient it applied
     g_state = g_state.replace(tx=sgd, opt_state=sgd.init(g_state.params))
@@ -62,7 +62,7 @@ def test_the_update_applies_the_hinge_and_lazy_r1_gradients(real_batch):
     @jax.jit
     def reference(step, r1_weight):
         noise_key, _ = jax.random.split(jax.random.fold_in(key, step))
-        fake, _ = g_state.apply_fn(g_state.variables, sample_noise(noise_key, "normal", (64, 100)),
+        fake, _ = g_state.apply_fn(g_state.variables, sample_noise(noise_key, "uniform", (64, 100)),
                                    train=True, mutable=["batch_stats"])
 
         def loss(d_params):
