@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import io
 import itertools
 import sys
@@ -181,7 +182,8 @@ class _Actions:
     and draw the sample row."""
 
     def __init__(self, config: Config, paths: RunPaths, ckpt: Checkpointer,
-                 outputs: RunOutputs, progress: Progress, evaluator: Evaluator | None,
+                 outputs: RunOutputs, progress: Progress,
+                 evaluator: Callable[[], Evaluator] | None,
                  eval_key: jax.Array, start: int, wall_s: Callable[[], float]):
         """`wall_s` tells the run's wall time so far, the runs it resumed included."""
         self.config, self.paths, self.ckpt, self.outputs = config, paths, ckpt, outputs
@@ -207,7 +209,7 @@ class _Actions:
         self.logged = {k: float(v) for k, v in jax.device_get(metrics).items()}
         steps_per_s = self.timer.steps_per_s(step)
         if evaluate and self.evaluator is not None:
-            self.logged |= during_training(self.evaluator, self.config,
+            self.logged |= during_training(self.evaluator(), self.config,
                                            jax.device_get(g_state.ema_variables), self.eval_key,
                                            self.config.eval_samples)
         self.outputs.log({"step": step, "steps_per_s": steps_per_s,
@@ -252,8 +254,9 @@ def _resume(config: Config, ckpt: Checkpointer, abstract: Any, warn: Callable[[s
 
 
 def _load_data(config: Config, paths: RunPaths
-               ) -> tuple[np.ndarray, np.ndarray, Evaluator | None]:
-    """The training split, and the evaluator where this process measures sample quality."""
+               ) -> tuple[np.ndarray, np.ndarray, Callable[[], Evaluator] | None]:
+    """The training split, and where this process measures sample quality, the evaluator, built
+    when first asked for: a run that ends before its first measurement never pays for it."""
     for turn in ("primary", "others"):  # One at a time: processes may share a data dir.
         if parallel.is_primary() == (turn == "primary"):
             data.prepare_mnist(paths.data_dir, paths.mnist_idx)
@@ -261,8 +264,8 @@ def _load_data(config: Config, paths: RunPaths
     images, labels = data.load_split("train", paths.data_dir)
     evaluator = None
     if config.eval_every and parallel.is_primary():  # The primary process measures and logs.
-        test_images, _ = data.load_split("test", paths.data_dir)
-        evaluator = Evaluator(test_images[..., 0], images[..., 0])
+        evaluator = functools.cache(lambda: Evaluator(
+            data.load_split("test", paths.data_dir)[0][..., 0], images[..., 0]))
     return images, labels, evaluator
 
 

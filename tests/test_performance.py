@@ -15,31 +15,32 @@ from test_steps import state_trees
 
 def test_several_steps_per_call_equal_single_steps(real_batch):
     config = Config(arch="seed", conditional=True)  # labels travel through the stack too
-    images = np.stack([np.roll(np.asarray(real_batch), i, axis=0) for i in range(4)])
-    labels = np.stack([np.arange(64) % 10 + i for i in range(4)]) % 10
+    steps = 3  # one compiled call of three updates (a longer unrolled call compiles longer)
+    images = np.stack([np.roll(np.asarray(real_batch), i, axis=0) for i in range(steps)])
+    labels = np.stack([np.arange(64) % 10 + i for i in range(steps)]) % 10
     key = jax.random.key(5)
     single = jit_train_step(config, donate=False)
     g_state, d_state = create_states(config, jax.random.key(0))
-    for i in range(4):
+    for i in range(steps):
         g_state, d_state, metrics = single(g_state, d_state, images[i], key, labels[i])
-    g_four, d_four, metrics_four = jit_train_step(config, donate=False, steps_per_call=4)(
+    g_many, d_many, metrics_many = jit_train_step(config, donate=False, steps_per_call=steps)(
         *create_states(config, jax.random.key(0)), images, key, labels)
-    assert int(g_four.step) == int(d_four.step) == 4
-    # One compiled program of four updates may round differently from four programs of one
+    assert int(g_many.step) == int(d_many.step) == steps
+    # One compiled program of several updates may round differently from as many of one
     # (gradients that nearly cancel keep only a few digits), and Adam turns a rounding-sized
     # change in a near-zero gradient into a step of up to lr. So: the losses agree to 1e-5,
     # nearly every value of every state to 1e-3 of its tensor's scale, and every param within
     # 2 * lr * steps. A wrong batch, order or step count misses all three by orders of magnitude.
     for name in metrics:
-        np.testing.assert_allclose(metrics_four[name], metrics[name], rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(state_trees(g_four, d_four)),
+        np.testing.assert_allclose(metrics_many[name], metrics[name], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(state_trees(g_many, d_many)),
                     jax.tree.leaves(state_trees(g_state, d_state)), strict=True):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
         assert np.mean(np.abs(a - b) <= 1e-3 * np.abs(b).max()) >= 0.999
     jax.tree.map(lambda a, b: np.testing.assert_allclose(
-        a, b, rtol=0, atol=2 * config.learning_rate * 4), g_four.params, g_state.params)
+        a, b, rtol=0, atol=2 * config.learning_rate * steps), g_many.params, g_state.params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(
-        a, b, rtol=0, atol=2 * config.learning_rate * 4), d_four.params, d_state.params)
+        a, b, rtol=0, atol=2 * config.learning_rate * steps), d_many.params, d_state.params)
 
 
 def test_calls_never_pass_over_a_step_that_logs_samples_or_saves():
