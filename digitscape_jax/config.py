@@ -51,6 +51,7 @@ class ArchSpec:
     d_dropout: float = 0.3
     translate: int = 0
     clusters: int = 0
+    lr_half_life: int = 0
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -171,6 +172,9 @@ class Config:
     learning_rate: float | None = arch_setting(
         "learning_rate", "Adam learning rate of G (and of D, times --d-lr-scale)",
         bound=POSITIVE_FINITE, flag="lr")
+    lr_half_life: int | None = arch_setting(
+        "lr_half_life", "steps over which both learning rates halve, smoothly (an exponential "
+        "decay from step 0; 0: constant)", bound=NON_NEGATIVE)
     beta1: float | None = arch_setting("beta1", "Adam beta1", bound=UNIT_INTERVAL)
     beta2: float | None = arch_setting("beta2", "Adam beta2", bound=UNIT_INTERVAL)
     d_lr_scale: float | None = arch_setting(
@@ -305,7 +309,7 @@ def field_types() -> dict[str, type]:
 # What every run trained with before these fields existed: a checkpoint config that
 # lacks them reads as these values, whatever an arch's defaults have become since.
 SETTINGS_BEFORE_THEIR_FIELDS = {"d_lr_scale": 1.0, "loss": "bce", "r1_gamma": 0.0, "r1_every": 4,
-                            "d_dropout": 0.3, "translate": 0, "clusters": 0}
+                            "d_dropout": 0.3, "translate": 0, "clusters": 0, "lr_half_life": 0}
 
 
 @dataclasses.dataclass(frozen=True)

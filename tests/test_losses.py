@@ -199,3 +199,23 @@ def test_the_regularised_recipe_trains(real_batch):
     assert all(np.isfinite(float(v)) for v in metrics.values())
     assert float(metrics["d_real"]) > float(metrics["d_fake"]) + 0.2
     assert float(metrics["d_loss"]) < first["d_loss"]
+
+
+def test_the_learning_rates_halve_every_half_life(real_batch):
+    """With --lr-half-life H, the update at step s moves both networks 0.5 ** (s / H) as far as
+    the update without decay (Adam's moments are the same: the decay scales its step alone)."""
+    constant = Config(arch="seed", d_dropout=0.0)
+    decaying = Config(arch="seed", d_dropout=0.0, lr_half_life=100)
+    g_state, d_state = create_states(constant, jax.random.key(0))
+    key = jax.random.key(2)
+    steps = {config.lr_half_life: jit_train_step(config, donate=False)
+             for config in (constant, decaying)}
+    for step, scale in ((0, 1.0), (100, 0.5), (250, 0.5 ** 2.5)):
+        at = g_state.replace(step=step), d_state.replace(step=step)
+        (g0, d0, _), (g1, d1, _) = (steps[h](*at, real_batch, key) for h in (0, 100))
+        for start, plain, decayed in ((g_state.params, g0.params, g1.params),
+                                      (d_state.params, d0.params, d1.params)):
+            # To the rounding of the params (an update is ~5e-5; a float32 near 1 rounds by 6e-8).
+            jax.tree.map(lambda s, p, d: np.testing.assert_allclose(
+                d - s, scale * (p - s), rtol=1e-4, atol=2e-7), start, plain, decayed)
+        jax.tree.map(np.testing.assert_array_equal, g1.opt_state, g0.opt_state)
