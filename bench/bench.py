@@ -2,7 +2,7 @@
 
 Run from the repository root, after `pip install -r requirements-bench.txt`:
 
-    python bench/bench.py                                   # seed and dcgan, batches 64 and 256
+    python bench/bench.py                                   # fast, seed, dcgan; batches 64, 256
     python bench/bench.py --archs dcgan --batches 256 --rounds 5 --json results.json
     python bench/bench.py --device gpu                      # jax and torch on the GPU
 
@@ -12,13 +12,17 @@ has it) on the real batch and on the fakes (two calls), d_loss = (bce(real, 1) +
 / 2 and g_loss = bce(fake, 1) (or the hinge losses), both gradients from that one forward
 pass, and an Adam step (eps 1e-7, with the arch's learning rates and betas) on each network.
 Each framework backpropagates each loss only where it depends: d_loss into D, g_loss through
-D's fake call into G. The "real" images are one fixed random batch in [-1, 1]: there is
-no input pipeline, only the step.
+D's fake call into G. An arch conditioned on labels or clusters (`fast`) conditions both
+networks in every framework: G's label embedding beside the noise (less its first entry with
+clusters), and D's projection of its features onto an embedding of the label. The "real"
+images are one fixed random batch in [-1, 1], with fixed random classes: there is no input
+pipeline, only the step.
 
 - jax: ours, `create_states` + `jit_train_step`, with the XLA flags `digitscape_jax` sets.
-- tf: Keras Sequential G and D with the same layers and a `@tf.function` step (one
-  persistent GradientTape). CPU only.
-- torch: the same layers as `nn.Sequential`, NCHW, eager (`--torch-compile` compiles G and D).
+- tf: Keras G and D with the same layers (Sequential, or functional with a label input) and a
+  `@tf.function` step (one persistent GradientTape). CPU only.
+- torch: the same layers as `nn.Sequential` (inside a module with the embeddings where the arch
+  is conditioned), NCHW, eager (`--torch-compile` compiles G and D).
 
 Each framework runs in its own subprocess, one per (arch, batch, round), and the three are
 interleaved (jax tf torch jax tf torch ...) so that changes in the machine's load fall on all of
@@ -603,7 +607,7 @@ def write_json(target: str, args: argparse.Namespace, rows: list[dict[str, Any]]
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter)
-    p.add_argument("--archs", nargs="+", choices=sorted(ARCHS), default=["seed", "dcgan"],
+    p.add_argument("--archs", nargs="+", choices=sorted(ARCHS), default=["fast", "seed", "dcgan"],
                    help="architectures of digitscape_jax.config.ARCHS")
     p.add_argument("--batches", nargs="+", type=cli.positive_int, default=[64, 256],
                    help="batch sizes (images per update)")
