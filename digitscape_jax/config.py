@@ -166,7 +166,7 @@ class Config:
     clusters: int | None = arch_setting(
         "clusters", "condition G and D on this many k-means clusters of the training digits' "
         "pixels, found without labels, G drawing the cluster from its noise (a self-conditioned "
-        "GAN; 0: none; ignored by --conditional, which uses the labels)", bound=CLUSTER_COUNT,
+        "GAN; 0: none; --conditional uses the labels instead)", bound=CLUSTER_COUNT,
         role="model")
     batch_size: int | None = arch_setting("batch_size", "images per update", bound=POSITIVE)
     learning_rate: float | None = arch_setting(
@@ -308,8 +308,9 @@ def field_types() -> dict[str, type]:
 
 # What every run trained with before these fields existed: a checkpoint config that
 # lacks them reads as these values, whatever an arch's defaults have become since.
-SETTINGS_BEFORE_THEIR_FIELDS = {"d_lr_scale": 1.0, "loss": "bce", "r1_gamma": 0.0, "r1_every": 4,
-                            "d_dropout": 0.3, "translate": 0, "clusters": 0, "lr_half_life": 0}
+SETTINGS_BEFORE_THEIR_FIELDS = {"d_lr_scale": 1.0, "loss": "bce", "r1_gamma": 0.0,
+                                "r1_every": 4, "d_dropout": 0.3, "translate": 0, "clusters": 0,
+                                "lr_half_life": 0}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,7 +24,7 @@ Metrics = dict[str, jax.Array]
 
 class GeneratorState(train_state.TrainState):
     """G's params and optimizer state, its BatchNorm running statistics, its constants
-    (with --clusters, the clusters' frequencies; else none), and the exponential moving
+    (with --clusters, where its noise draws each cluster; else none), and the exponential moving
     average of its params, which draws smoother digits."""
 
     batch_stats: Any
