@@ -182,6 +182,7 @@ def build_jax(arch: str, batch: int, gpu: bool) -> Built:
     train_step = jit_train_step(config)
     images = jnp.asarray(fixed_images(batch))
     labels = fixed_labels(batch, config)
+    labels = None if labels is None else jnp.asarray(labels)
 
     def step() -> float:
         nonlocal states
@@ -240,6 +241,7 @@ def keras_models(config: Config) -> tuple[keras.Model, keras.Model]:
     noise, images = keras.Input((LATENT_DIM,)), keras.Input((IMAGE_SIZE, IMAGE_SIZE, 1))
     g_labels, d_labels = keras.Input((), dtype="int32"), keras.Input((), dtype="int32")
     kept_noise = noise[:, 1:] if config.clusters else noise  # the first entry draws a cluster
+
     def embedding(features: int) -> keras.Layer:  # initialised as Flax's: N(0, 1 / features)
         return layers.Embedding(config.label_count, features, embeddings_initializer=
                                 keras.initializers.RandomNormal(stddev=features**-0.5))

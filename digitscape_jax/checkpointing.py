@@ -186,8 +186,11 @@ class Checkpointer:
         constants to read is read field by field, and then has none.
         """
         if not g_abstract.constants:
-            fields = self._run_io(step, lambda: ocp.StandardCheckpointer().metadata(
-                self.directory / str(step) / "g_state").item_metadata)
+            def read_fields() -> Any:
+                with ocp.StandardCheckpointer() as reader:
+                    return reader.metadata(self.directory / str(step) / "g_state").item_metadata
+
+            fields = self._run_io(step, read_fields)
             if "constants" not in fields:
                 return ({name: getattr(g_abstract, name) for name in fields},
                         lambda restored: g_abstract.replace(**restored))

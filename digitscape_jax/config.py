@@ -101,11 +101,9 @@ NON_NEGATIVE = Bound(lambda v: v >= 0, ">= 0", "an integer >= 0")
 NON_NEGATIVE_FINITE = Bound(lambda v: 0.0 <= v < math.inf, ">= 0 and finite", "a number >= 0")
 POSITIVE_FINITE = Bound(lambda v: 0.0 < v < math.inf, "positive and finite", "a positive number")
 UNIT_INTERVAL = Bound(lambda v: 0.0 <= v < 1.0, "in [0, 1)", "a number in [0, 1)")
+CLUSTER_COUNT = Bound(lambda v: v == 0 or v >= 2, "0 or at least 2", "0 or an integer >= 2")
 # A JAX key (without 64-bit mode) holds 32 bits of seed: more would collide.
 SEED = Bound(lambda v: 0 <= v < MAX_SEED, "in [0, 2**32)", "an integer >= 0")
-
-
-CLUSTER_COUNT = Bound(lambda v: v == 0 or v >= 2, "0 or at least 2", "0 or an integer >= 2")
 
 
 def at_least(minimum: int) -> Bound:
@@ -243,6 +241,9 @@ class Config:
                 raise ConfigError(field.name, reason)
             if choices is not None and value not in choices():
                 raise ConfigError(field.name, f"unknown {value!r}; choose one of {choices()}")
+        if self.clusters and self.latent_dim < 2:  # The noise's first entry draws the cluster.
+            raise ConfigError("latent_dim", f"must be at least 2 with --clusters, got "
+                              f"{self.latent_dim}")
 
     @property
     def spec(self) -> ArchSpec:

@@ -162,7 +162,7 @@ def _load_split(split: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarra
                             as_supervised=True)
         chunks = list(tfds.as_numpy(dataset.batch(LOAD_CHUNK)))
         arrays = np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
-        if copy:
+        if copy and len(arrays[0]) == _split_size(split, data_dir):  # (not a mock's stand-in)
             _write_decoded(copy, records, arrays)
     for array in arrays:
         array.flags.writeable = False
@@ -181,13 +181,18 @@ def _decoded_copy(split: str, data_dir: str | None) -> tuple[Path | None, str]:
     return folder / f"decoded-{split}.npz", stamp
 
 
+def _split_size(split: str, data_dir: str | None) -> int:
+    """How many examples the prepared split holds, by its dataset info."""
+    return tfds.builder("mnist", data_dir=data_dir).info.splits[split].num_examples
+
+
 def _read_decoded(copy: Path, records: str) -> tuple[np.ndarray, np.ndarray] | None:
     """The arrays kept in `copy` if it was decoded from `records`; None otherwise."""
     try:
         with np.load(copy) as kept:
             if str(kept["records"]) == records:
                 return kept["images"], kept["labels"]
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile):
         pass  # missing or damaged: decode again
     return None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,11 +12,11 @@ from pathlib import Path
 def write_atomically(path: str | Path, data: bytes) -> Path:
     """Writes `data` to `path` through a temporary file renamed over it, so that a crash
     leaves the old file or the new one, never part of one. Makes missing parent folders.
-    The temporary file is this process's own, so processes writing the same file at once
-    each rename a whole one."""
+    The temporary file has a unique name, so writers of the same file at once (processes,
+    hosts on a shared disk) each rename a whole one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    partial = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
     try:
         partial.write_bytes(data)
         os.replace(partial, path)

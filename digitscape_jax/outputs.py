@@ -65,10 +65,11 @@ class RunOutputs:
         self.primary = parallel.is_primary()
         self.generator, _ = networks(config)
         n = FINAL_ROWS * FINAL_COLS
+        # A conditional row of 10 counts 0 to 9; any other G draws from its noise alone (a
+        # self-conditioned one, its clusters too).
         self.fixed_noise, self.fixed_labels = jax.device_put(
             (sample_noise(sample_key, config.spec.noise, (n, config.latent_dim)),
-             jnp.arange(n) % NUM_CLASSES),  # A conditional row of 10 counts 0 to 9.
-            sharding)
+             jnp.arange(n) % NUM_CLASSES if config.conditional else None), sharding)
         self.metrics = MetricsLog(paths.ckpt_dir)
         self.tensorboard = (TensorBoardLog(paths.ckpt_dir / TENSORBOARD_DIR)
                             if paths.tensorboard and self.primary else None)
@@ -81,8 +82,9 @@ class RunOutputs:
             self.tensorboard.scalars(record["step"], {k: v for k, v in record.items() if k != "step"})
 
     def digits(self, g_state: GeneratorState, n: int) -> np.ndarray:
+        labels = None if self.fixed_labels is None else self.fixed_labels[:n]
         return jax.device_get(render(self.generator, g_state.ema_variables, self.fixed_noise[:n],
-                                     self.fixed_labels[:n]))
+                                     labels))
 
     def sample(self, step: int, g_state: GeneratorState) -> None:
         """The fixed-noise row of `step`, and the GIF and loss curves up to it."""

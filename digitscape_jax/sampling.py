@@ -116,7 +116,8 @@ def latent_walks(key: jax.Array, config: Config, walks: int, frames: int) -> jax
     """Noise (walks, frames, latent_dim): each walk loops through WALK_POINTS random points.
 
     Slerp between N(0, 1) points, lerp between U[0, 1) ones (which stays in the
-    unit cube); the last frame leads back to the first, so a GIF of it loops.
+    unit cube); the last frame leads back to the first, so a GIF of it loops. A
+    self-conditioned G's walk keeps its first noise entry, and so its cluster.
     """
     points = sample_noise(key, config.spec.noise, (walks, WALK_POINTS, config.latent_dim))
     position = jnp.arange(frames) * WALK_POINTS / frames  # along the closed loop
@@ -124,9 +125,10 @@ def latent_walks(key: jax.Array, config: Config, walks: int, frames: int) -> jax
     t = (position - segment)[None, :, None]
     start = points[:, segment]
     end = points[:, (segment + 1) % WALK_POINTS]
-    if config.spec.noise == "normal":
-        return slerp(start, end, t)
-    return start + t * (end - start)
+    path = slerp(start, end, t) if config.spec.noise == "normal" else start + t * (end - start)
+    if config.clusters:
+        path = path.at[..., 0].set(points[:, :1, 0])
+    return path
 
 
 def render_walks(config: Config, variables: Mapping[str, Any], key: jax.Array, walks: int,

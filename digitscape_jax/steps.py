@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax.training import train_state
 
@@ -43,11 +44,13 @@ class GeneratorState(train_state.TrainState):
         return self.with_params(self.ema_params)
 
     def with_params(self, params: Any) -> dict[str, Any]:
+        """G's variables with `params` in place of its own."""
         constants = {"constants": self.constants} if self.constants else {}
         return {"params": params, "batch_stats": self.batch_stats, **constants}
 
 
-def create_states(config: Config, key: jax.Array, cluster_frequencies: Any = None
+def create_states(config: Config, key: jax.Array,
+                  cluster_frequencies: np.ndarray | jax.Array | None = None
                   ) -> tuple[GeneratorState, train_state.TrainState]:
     """Freshly initialised G and D states, each with its own Adam; with --clusters, G draws
     clusters by `cluster_frequencies` (by default, all equally often).
@@ -63,7 +66,8 @@ def _jit_create_states(config: Config) -> Callable[[jax.Array, Any], Any]:
     return jax.jit(functools.partial(_create_states, config))
 
 
-def _create_states(config: Config, key: jax.Array, cluster_frequencies: Any
+def _create_states(config: Config, key: jax.Array,
+                   cluster_frequencies: np.ndarray | jax.Array | None
                    ) -> tuple[GeneratorState, train_state.TrainState]:
     g_key, d_key = jax.random.split(key)
     generator, discriminator = networks(config, jnp.dtype(config.dtype))

@@ -84,7 +84,7 @@ def _train(config: Config, paths: RunPaths, stream: TextIO, warn: Callable[[str]
     images, labels, evaluator = _load_data(config, paths)
     frequencies = None
     if config.clusters:  # The clusters stand in for the labels.
-        labels, frequencies = clusters.kmeans(images, config.clusters, config.seed)
+        labels, frequencies = clusters.kmeans(images, config.clusters)
     keys = RunKeys.of(config.seed)
     outputs = RunOutputs(config, paths, keys.sample, replicated)
     progress = Progress(start, config.steps, stream)
@@ -260,8 +260,8 @@ def _load_data(config: Config, paths: RunPaths
     for turn in ("primary", "others"):  # One at a time: processes may share a data dir.
         if parallel.is_primary() == (turn == "primary"):
             data.prepare_mnist(paths.data_dir, paths.mnist_idx)
+            images, labels = data.load_split("train", paths.data_dir)  # the others read its copy
         parallel.sync(f"mnist prepared by the {turn}")
-    images, labels = data.load_split("train", paths.data_dir)
     evaluator = None
     if config.eval_every and parallel.is_primary():  # The primary process measures and logs.
         evaluator = functools.cache(lambda: Evaluator(

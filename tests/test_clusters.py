@@ -33,7 +33,7 @@ def groups_of_images(sizes: list[int], seed: int = 0) -> tuple[np.ndarray, np.nd
 def test_kmeans_finds_separated_groups_and_their_shares_deterministically():
     sizes = [30, 60, 90, 20]
     images, groups = groups_of_images(sizes)
-    assignments, frequencies = clusters.kmeans(images, 4, seed=0)
+    assignments, frequencies = clusters.kmeans(images, 4)
     assert assignments.dtype == np.int32 and assignments.shape == (200,)
     # One cluster per group, whatever their numbering.
     pairs = set(zip(groups.tolist(), assignments.tolist()))
@@ -41,10 +41,10 @@ def test_kmeans_finds_separated_groups_and_their_shares_deterministically():
     by_group = dict(pairs)
     np.testing.assert_allclose([frequencies[by_group[g]] for g in range(4)],
                                np.array(sizes) / 200, atol=1e-6)
-    again, _ = clusters.kmeans(images, 4, seed=0)
+    again, _ = clusters.kmeans(images, 4)
     np.testing.assert_array_equal(again, assignments)
     with pytest.raises(UserError, match="--clusters 201 is more than the 200 training images"):
-        clusters.kmeans(images, 201, seed=0)
+        clusters.kmeans(images, 201)
 
 
 @pytest.mark.parametrize("noise", ["normal", "uniform"])
@@ -96,6 +96,8 @@ def test_clusters_are_the_arch_s_unless_the_model_is_conditional():
         Config(arch="seed", conditional=True, clusters=8)
     with pytest.raises(ConfigError, match="must be 0 or at least 2, got 1"):
         Config(arch="seed", clusters=1)
+    with pytest.raises(ConfigError, match="latent_dim must be at least 2 with --clusters, got 1"):
+        Config(arch="seed", clusters=4, latent_dim=1)
 
 
 def test_a_checkpoint_from_before_g_had_constants_restores(tmp_path):

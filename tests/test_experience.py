@@ -135,11 +135,14 @@ def test_slerp_ends_at_its_points_and_keeps_the_norm():
     np.testing.assert_allclose(slerp(a, a, 0.3), a, atol=1e-5)  # parallel: no division by zero
 
 
-@pytest.mark.parametrize("arch", ["seed", "dcgan"])
+@pytest.mark.parametrize("arch", ["seed", "dcgan", "fast"])
 def test_latent_walks_loop_through_their_points(arch):
     config = Config(arch=arch)
     walks = latent_walks(jax.random.key(3), config, walks=2, frames=8)  # 2 frames per segment
     points = sample_noise(jax.random.key(3), config.spec.noise, (2, 4, 100))
+    if config.clusters:  # each walk keeps its first point's first entry: one cluster
+        np.testing.assert_array_equal(walks[..., 0], np.repeat(points[:, :1, 0], 8, axis=1))
+        walks, points = walks[..., 1:], points[..., 1:]
     np.testing.assert_allclose(walks[:, ::2], points, atol=1e-5)
     if arch == "seed":  # lerp keeps uniform noise inside [0, 1)
         assert float(walks.min()) >= 0 and float(walks.max()) < 1
