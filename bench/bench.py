@@ -10,7 +10,8 @@ What is timed is one full update of G and D as `digitscape_jax.steps.train_step`
 with each arch's recipe (`Config(arch=...)`): noise -> G, then D (with dropout where the arch
 has it) on the real batch and on the fakes (two calls), d_loss = (bce(real, 1) + bce(fake, 0))
 / 2 and g_loss = bce(fake, 1) (or the hinge losses), both gradients from that one forward
-pass, and an Adam step (eps 1e-7, with the arch's learning rates and betas) on each network.
+pass, and an Adam step (eps 1e-7, with the arch's learning rates, their decay, and betas) on
+each network.
 Each framework backpropagates each loss only where it depends: d_loss into D, g_loss through
 D's fake call into G. An arch conditioned on labels or clusters (`fast`) conditions both
 networks in every framework: G's label embedding beside the noise (less its first entry with
@@ -265,7 +266,13 @@ def build_tf(arch: str, batch: int) -> Built:
     config = peer_recipe(arch)
     spec = config.spec
     generator, discriminator = keras_models(config)
-    g_opt, d_opt = (keras.optimizers.Adam(lr, config.beta1, config.beta2, epsilon=ADAM_EPSILON)
+    def decayed(lr: float) -> Any:  # --lr-half-life: halving every half-life steps, smoothly
+        if not config.lr_half_life:
+            return lr
+        return keras.optimizers.schedules.ExponentialDecay(lr, config.lr_half_life, 0.5)
+
+    g_opt, d_opt = (keras.optimizers.Adam(decayed(lr), config.beta1, config.beta2,
+                                          epsilon=ADAM_EPSILON)
                     for lr in (config.learning_rate, config.learning_rate * config.d_lr_scale))
     g_opt.build(generator.trainable_variables)
     d_opt.build(discriminator.trainable_variables)
@@ -397,6 +404,9 @@ def build_torch(arch: str, batch: int, gpu: bool, threads: int, compile_models: 
     g_opt, d_opt = (torch.optim.Adam(params, lr, (config.beta1, config.beta2), eps=ADAM_EPSILON)
                     for params, lr in ((g_params, config.learning_rate),
                                        (d_params, config.learning_rate * config.d_lr_scale)))
+    half_life = config.lr_half_life or float("inf")  # --lr-half-life: halving, smoothly
+    schedules = [torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 ** (step / half_life))
+                 for opt in (d_opt, g_opt)]
     if compile_models:
         # The d_loss gradient retains the graph: compiled backwards must not donate buffers.
         torch._functorch.config.donated_buffer = False
@@ -421,10 +431,12 @@ def build_torch(arch: str, batch: int, gpu: bool, threads: int, compile_models: 
             g_loss = bce(fake_logits, 1.0)
         d_grads = torch.autograd.grad(d_loss, d_params, retain_graph=True)
         g_grads = torch.autograd.grad(g_loss, g_params)
-        for params, grads, opt in ((d_params, d_grads, d_opt), (g_params, g_grads, g_opt)):
+        for params, grads, opt, schedule in ((d_params, d_grads, d_opt, schedules[0]),
+                                             (g_params, g_grads, g_opt, schedules[1])):
             for param, grad in zip(params, grads):
                 param.grad = grad
             opt.step()
+            schedule.step()
         return d_loss.item()  # Waits for the whole step, on the GPU too.
 
     name = torch.cuda.get_device_name(device) if gpu else "cpu"

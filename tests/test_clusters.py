@@ -57,10 +57,13 @@ def test_the_noise_draws_each_cluster_at_its_frequency(noise):
     assert drawn[1] == 0  # an empty cluster is never drawn
 
 
-def test_a_clustered_generator_draws_its_cluster_from_the_first_noise_entry():
+def test_a_clustered_generator_draws_its_cluster_from_the_first_noise_entry(real_batch):
+    """...and its update needs the real batch's clusters."""
     config = Config(arch="seed", clusters=3)
     frequencies = np.array([0.2, 0.3, 0.5], np.float32)
-    g_state, _ = create_states(config, jax.random.key(0), frequencies)
+    g_state, d_state = create_states(config, jax.random.key(0), frequencies)
+    with pytest.raises(ValueError, match="trains on labelled batches"):
+        train_step(g_state, d_state, real_batch, jax.random.key(1), config=config)
     bounds = g_state.constants["cluster_bounds"]
     np.testing.assert_allclose(bounds, [0.2, 0.5], rtol=1e-6)  # uniform noise: cumulative shares
     generator, discriminator = networks(config)
@@ -77,13 +80,6 @@ def test_a_clustered_generator_draws_its_cluster_from_the_first_noise_entry():
     moved = noise.at[:, 0].set(0.99)
     np.testing.assert_array_equal(draw(moved, picked), draw(noise, picked))
     assert float(jnp.abs(draw(noise, (picked + 1) % 3) - draw(noise, picked)).max()) > 1e-3
-
-
-def test_a_clustered_update_needs_its_batchs_clusters(real_batch):
-    config = Config(arch="seed", clusters=3)
-    g_state, d_state = create_states(config, jax.random.key(0))
-    with pytest.raises(ValueError, match="trains on labelled batches"):
-        train_step(g_state, d_state, real_batch, jax.random.key(1), config=config)
 
 
 def test_clusters_are_the_arch_s_unless_the_model_is_conditional():
