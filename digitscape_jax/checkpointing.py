@@ -191,7 +191,7 @@ class Checkpointer:
                     return reader.metadata(self.directory / str(step) / "g_state").item_metadata
 
             fields = self._run_io(step, read_fields)
-            if "constants" not in fields:
+            if fields is not None and "constants" not in fields:  # (None: unreadable)
                 return ({name: getattr(g_abstract, name) for name in fields},
                         lambda restored: g_abstract.replace(**restored))
         return g_abstract, lambda restored: restored
