@@ -22,7 +22,7 @@ from digitscape_jax.errors import UserError
 # Not bfloat16 (TPU) or TF32 (GPU): distances of 10-40 need float32's digits to assign points.
 HIGHEST = jax.lax.Precision.HIGHEST
 
-# Lloyd steps after k-means++: enough for the assignments to settle on MNIST (about two seconds
+# Lloyd steps after k-means++: enough for the assignments to settle on MNIST (about 3 s
 # for the training split on a 2-core CPU, paid at every start).
 KMEANS_ITERATIONS = 20
 # The clusters are the data's, not the run's: one key for every run and --seed, folded with a

@@ -156,10 +156,11 @@ class Config:
     steps: int = setting(20_000, "total number of updates (of both G and D) to train to",
                          bound=POSITIVE, role="schedule")
     arch: str = setting(DEFAULT_ARCH, "'fast': small, self-conditioned on 200 clusters, without "
-                        "dropout, at lr 5e-4 halving every 6,000 steps; 'seed': the original Keras model (widths 8/8/16, "
-                        "D 16/32, U[0,1) noise); 'dcgan': the TensorFlow tutorial widths "
-                        "(256/128/64, D 64/128, N(0,1) noise); 'small': dcgan at half those "
-                        "widths, batch 64", choices=lambda: sorted(ARCHS), role="model")
+                        "dropout, at lr 5e-4 halving every 6,000 steps; 'seed': the original "
+                        "Keras model (widths 8/8/16, D 16/32, U[0,1) noise); 'dcgan': the "
+                        "TensorFlow tutorial widths (256/128/64, D 64/128, N(0,1) noise); "
+                        "'small': dcgan at half those widths, batch 64",
+                        choices=lambda: sorted(ARCHS), role="model")
     conditional: bool = setting(False, "train on the labels too, so that `sample.py --digit 7` "
                                 "draws 7s: G embeds the label beside the noise, D projects it "
                                 "onto its features", role="model")
