@@ -155,35 +155,31 @@ def load_split(split: str, data_dir: str | Path | None = None) -> tuple[np.ndarr
 
 @functools.lru_cache(maxsize=4)
 def _load_split(split: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
-    copy, records = _decoded_copy(split, data_dir)
+    builder = tfds.builder("mnist", data_dir=data_dir)
+    copy, records = _decoded_copy(builder, split)
     arrays = _read_decoded(copy, records) if copy else None
     if arrays is None:
         dataset = tfds.load("mnist", split=split, data_dir=data_dir, download=False,
                             as_supervised=True)
         chunks = list(tfds.as_numpy(dataset.batch(LOAD_CHUNK)))
         arrays = np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
-        if copy and len(arrays[0]) == _split_size(split, data_dir):  # (not a mock's stand-in)
+        if copy and len(arrays[0]) == builder.info.splits[split].num_examples:  # not a mock's
             _write_decoded(copy, records, arrays)
     for array in arrays:
         array.flags.writeable = False
     return arrays
 
 
-def _decoded_copy(split: str, data_dir: str | None) -> tuple[Path | None, str]:
+def _decoded_copy(builder: tfds.core.DatasetBuilder, split: str) -> tuple[Path | None, str]:
     """Where the decoded arrays of a prepared split on a local disk are kept, and a stamp of
     the records they were decoded from (names, sizes, times), so that a split prepared anew
     is decoded anew. (None, "") where the records are elsewhere (e.g. a bucket, or a mock)."""
-    folder = Path(os.fspath(tfds.builder("mnist", data_dir=data_dir).data_dir))
+    folder = Path(os.fspath(builder.data_dir))
     records = sorted(folder.glob(f"mnist-{split}.tfrecord*")) if folder.is_dir() else []
     if not records:
         return None, ""
     stamp = ";".join(f"{r.name}:{r.stat().st_size}:{r.stat().st_mtime_ns}" for r in records)
     return folder / f"decoded-{split}.npz", stamp
-
-
-def _split_size(split: str, data_dir: str | None) -> int:
-    """How many examples the prepared split holds, by its dataset info."""
-    return tfds.builder("mnist", data_dir=data_dir).info.splits[split].num_examples
 
 
 def _read_decoded(copy: Path, records: str) -> tuple[np.ndarray, np.ndarray] | None:

@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from digitscape_jax.errors import UserError
 from digitscape_jax.files import write_atomically
 from digitscape_jax.metrics import BOOKKEEPING, label
 
@@ -108,8 +109,6 @@ def plot_fd_over_time(runs: dict[str, list[dict]], path: str | Path,
                       title: str = "FD against wall-clock time") -> Path:
     """FD against wall-clock minutes, a line per run, from each run's metrics.jsonl records
     that hold both `fd` and `wall_s` (a run with none is a UserError)."""
-    from digitscape_jax.errors import UserError
-
     import matplotlib
 
     matplotlib.use("Agg")
