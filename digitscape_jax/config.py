@@ -50,6 +50,7 @@ class ArchSpec:
     r1_every: int = 4
     d_dropout: float = 0.3
     translate: int = 0
+    mode_seeking: float = 0.0
     clusters: int = 0
     lr_half_life: int = 0
 
@@ -195,6 +196,11 @@ class Config:
     translate: int | None = arch_setting(
         "translate", "shift every digit D sees, real and fake, by up to this many pixels each "
         "way (DiffAugment's translation; 0: none)", bound=NON_NEGATIVE)
+    mode_seeking: float | None = arch_setting(
+        "mode_seeking", "weight of the mode-seeking term in G's loss (Mao et al., 2019): the "
+        "inverse of how far apart two fakes of the same class are, per unit of distance "
+        "between their noises, over pairs of the batch's halves; it keeps G from drawing one "
+        "style per class (0: none)", bound=NON_NEGATIVE_FINITE)
     ema_decay: float = setting(0.999, "decay of the moving average of G's weights that sampling "
                                "uses (0: no averaging)", bound=UNIT_INTERVAL)
     latent_dim: int = setting(100, "size of the generator's noise input", bound=POSITIVE,
@@ -244,6 +250,9 @@ class Config:
                 raise ConfigError(field.name, reason)
             if choices is not None and value not in choices():
                 raise ConfigError(field.name, f"unknown {value!r}; choose one of {choices()}")
+        if self.mode_seeking and self.batch_size % 2:  # Fakes are drawn in pairs.
+            raise ConfigError("batch_size", f"must be even with --mode-seeking, got "
+                              f"{self.batch_size}")
         if self.clusters and self.latent_dim < 2:  # The noise's first entry draws the cluster.
             raise ConfigError("latent_dim", f"must be at least 2 with --clusters, got "
                               f"{self.latent_dim}")
@@ -313,7 +322,8 @@ def field_types() -> dict[str, type]:
 # What every run trained with before these fields existed: a checkpoint config that
 # lacks them reads as these values, whatever an arch's defaults have become since.
 SETTINGS_BEFORE_THEIR_FIELDS = {"d_lr_scale": 1.0, "loss": "bce", "r1_gamma": 0.0,
-                                "r1_every": 4, "d_dropout": 0.3, "translate": 0, "clusters": 0,
+                                "r1_every": 4, "d_dropout": 0.3, "translate": 0, "mode_seeking": 0.0,
+                                "clusters": 0,
                                 "lr_half_life": 0}
 
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 
 BACKGROUND = -1.0  # An empty MNIST pixel, in the [-1, 1] range the networks see.
+MODE_SEEKING_EPSILON = 1e-5  # The reference implementation's, against dividing by 0.
 
 
 def bce_with_logits(logits: jax.Array, label: float) -> jax.Array:
@@ -34,6 +35,16 @@ def generator_loss(fake_logits: jax.Array, kind: str) -> jax.Array:
     if kind == "hinge":
         return -fake_logits.mean()
     return bce_with_logits(fake_logits, 1.0)
+
+
+def mode_seeking_loss(fake: jax.Array, noise: jax.Array) -> jax.Array:
+    """The mode-seeking term (Mao et al., 2019), pairing the batch's first half with its second:
+    the inverse of the mean absolute difference between paired fakes over that between their
+    noises. G minimises it, so two noises of one class must draw two different digits."""
+    half = fake.shape[0] // 2
+    spread = (jnp.abs(fake[:half] - fake[half:]).mean()
+              / jnp.abs(noise[:half] - noise[half:]).mean())
+    return 1.0 / (spread + MODE_SEEKING_EPSILON)
 
 
 def r1_penalty(logits_of: Callable[[jax.Array], jax.Array], real: jax.Array) -> jax.Array:

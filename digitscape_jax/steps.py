@@ -14,7 +14,8 @@ from flax.training import train_state
 
 from digitscape_jax.clusters import cluster_bounds
 from digitscape_jax.config import Config
-from digitscape_jax.losses import discriminator_loss, generator_loss, r1_penalty, translate
+from digitscape_jax.losses import (discriminator_loss, generator_loss, mode_seeking_loss,
+                                   r1_penalty, translate)
 from digitscape_jax.models import IMAGE_SHAPE, networks, sample_noise
 
 # Keras's Adam epsilon; optax's default is 1e-8.
@@ -136,32 +137,45 @@ def train_step(
     real_shift_key, fake_shift_key = jax.random.split(jax.random.fold_in(step_key, 2))
     noise = sample_noise(noise_key, config.spec.noise, (images.shape[0], config.latent_dim))
     images = translate(real_shift_key, images, config.translate)
+    # With mode seeking, fakes come in pairs of one class: the two halves of the batch draw
+    # the classes of the real batch's first half.
+    fake_labels = labels
+    if config.mode_seeking and labels is not None:
+        fake_labels = jnp.tile(labels[:labels.shape[0] // 2], 2)
 
     def generate(g_params):
         fake, updates = g_state.apply_fn(g_state.with_params(g_params), noise, train=True,
-                                         labels=labels, mutable=["batch_stats"])
-        return translate(fake_shift_key, fake, config.translate), updates["batch_stats"]
+                                         labels=fake_labels, mutable=["batch_stats"])
+        return fake, updates["batch_stats"]
 
-    def discriminate(d_params, batch, dropout_key):
+    def discriminate(d_params, batch, labels, dropout_key):
         return d_state.apply_fn({"params": d_params}, batch, train=True, labels=labels,
                                 rngs={"dropout": dropout_key})[:, 0]
 
     fake, g_backward, batch_stats = jax.vjp(generate, g_state.params, has_aux=True)
     real_logits, real_backward = jax.vjp(
-        lambda d_params: discriminate(d_params, images, real_key), d_state.params)
+        lambda d_params: discriminate(d_params, images, labels, real_key), d_state.params)
     fake_logits, fake_backward = jax.vjp(
-        lambda d_params, fake: discriminate(d_params, fake, fake_key), d_state.params, fake)
+        lambda d_params, fake: discriminate(
+            d_params, translate(fake_shift_key, fake, config.translate), fake_labels, fake_key),
+        d_state.params, fake)
 
     d_loss, (real_cotangent, fake_cotangent) = jax.value_and_grad(
         discriminator_loss, argnums=(0, 1))(real_logits, fake_logits, config.loss)
     g_loss, g_cotangent = jax.value_and_grad(generator_loss)(fake_logits, config.loss)
     (d_grads,) = real_backward(real_cotangent)
     d_grads = jax.tree.map(jnp.add, d_grads, fake_backward(fake_cotangent)[0])
-    (g_grads,) = g_backward(fake_backward(g_cotangent)[1])
+    fake_cotangent_of_g = fake_backward(g_cotangent)[1]
     extra_metrics = {}
+    if config.mode_seeking:
+        mode_seeking, mode_seeking_cotangent = jax.value_and_grad(mode_seeking_loss)(fake, noise)
+        fake_cotangent_of_g += config.mode_seeking * mode_seeking_cotangent
+        extra_metrics["mode_seeking"] = mode_seeking
+    (g_grads,) = g_backward(fake_cotangent_of_g)
     if config.r1_gamma:
         r1, d_grads = _add_r1(d_state.params, d_grads, g_state.step, config,
-                              lambda d_params, x: discriminate(d_params, x, real_key), images)
+                              lambda d_params, x: discriminate(d_params, x, labels, real_key),
+                              images)
         extra_metrics["r1"] = r1
     metrics = {
         "d_loss": d_loss,

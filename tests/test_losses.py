@@ -1,4 +1,5 @@
-"""The recipe's terms against plain-JAX references: hinge, R1 (lazy), translation, TTUR."""
+"""The recipe's terms against plain-JAX references: hinge, R1 (lazy), translation, TTUR, mode
+seeking."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import pytest
 
 from digitscape_jax import clusters
 from digitscape_jax.config import ARCHS, SETTINGS_BEFORE_THEIR_FIELDS, Config
-from digitscape_jax.losses import discriminator_loss, generator_loss, r1_penalty, translate
+from digitscape_jax.losses import (discriminator_loss, generator_loss, mode_seeking_loss,
+                                   r1_penalty, translate)
 from digitscape_jax.models import sample_noise
 from digitscape_jax.steps import create_states, jit_train_step
 
@@ -82,6 +84,57 @@ def test_the_update_applies_the_hinge_and_lazy_r1_gradients(real_batch):
         jax.tree.map(lambda a, b, scale=scale: np.testing.assert_allclose(
             a, b, rtol=1e-4, atol=1e-4 * scale), applied, expected)
         np.testing.assert_allclose(metrics["r1"], r1 if applies_r1 else 0.0, rtol=1e-5)
+
+
+def test_the_mode_seeking_term_is_its_formula():
+    """1 / (mean |fake_i - fake_(i+n/2)| / mean |z_i - z_(i+n/2)| + 1e-5), over both halves."""
+    rng = np.random.default_rng(0)
+    fake, noise = rng.uniform(-1, 1, (6, 28, 28, 1)), rng.normal(size=(6, 100))
+    spread = np.abs(fake[:3] - fake[3:]).mean() / np.abs(noise[:3] - noise[3:]).mean()
+    np.testing.assert_allclose(mode_seeking_loss(jnp.asarray(fake, jnp.float32),
+                                                 jnp.asarray(noise, jnp.float32)),
+                               1 / (spread + 1e-5), rtol=1e-5)
+    # Pairs of identical fakes are the worst case: the term is then 1 / epsilon.
+    same = jnp.asarray(np.concatenate([fake[:3], fake[:3]]), jnp.float32)
+    np.testing.assert_allclose(mode_seeking_loss(same, jnp.asarray(noise)), 1e5, rtol=1e-6)
+
+
+def test_the_update_adds_the_mode_seeking_gradient_to_gs(real_batch):
+    """G's gradient is that of its loss on D(G(z)) plus `mode_seeking` times the term's, with
+    the fakes drawn in pairs of one class: both halves take the real batch's first half of
+    classes, and D scores them with those classes."""
+    config = Config(arch="seed", clusters=4, mode_seeking=0.5, d_dropout=0.0)
+    g_state, d_state = create_states(config, jax.random.key(0))
+    sgd = optax.sgd(1.0)  # at rate 1, each update is minus the gradient it applied
+    g_state = g_state.replace(tx=sgd, opt_state=sgd.init(g_state.params))
+    key, step = jax.random.key(3), 7
+    labels = jnp.asarray(np.random.default_rng(1).integers(0, 4, len(real_batch)), jnp.int32)
+    pair_labels = jnp.concatenate([labels[:32], labels[:32]])
+
+    @jax.jit
+    def reference():
+        noise_key, _ = jax.random.split(jax.random.fold_in(key, step))
+        noise = sample_noise(noise_key, "uniform", (64, 100))
+
+        def loss(g_params):
+            fake, _ = g_state.apply_fn(g_state.with_params(g_params), noise, train=True,
+                                       labels=pair_labels, mutable=["batch_stats"])
+            logits = d_state.apply_fn({"params": d_state.params}, fake, train=True,
+                                      labels=pair_labels)[:, 0]
+            seeking = mode_seeking_loss(fake, noise)
+            return generator_loss(logits, "bce") + 0.5 * seeking, seeking
+
+        return jax.value_and_grad(loss, has_aux=True)(g_state.params)
+
+    new_g, _, metrics = jit_train_step(config, donate=False)(
+        g_state.replace(step=step), d_state.replace(step=step), real_batch, key, labels)
+    applied = jax.tree.map(lambda a, b: a - b, g_state.params, new_g.params)
+    (_, seeking), expected = reference()
+    scale = max(float(jnp.abs(x).max()) for x in jax.tree.leaves(expected))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * scale),
+                 applied, expected)
+    np.testing.assert_allclose(metrics["mode_seeking"], seeking, rtol=1e-5)
+    assert float(seeking) > 0
 
 
 def test_d_sees_both_halves_translated_with_their_own_shifts(real_batch):
@@ -186,7 +239,8 @@ def test_the_regularised_recipe_trains(real_batch):
     """A short run with every lever on, self-conditioned on clusters of the batch: finite, and
     D learns to tell real from fake."""
     config = Config(arch="seed", loss="hinge", r1_gamma=1.0, r1_every=2, translate=2,
-                    d_dropout=0.0, d_lr_scale=2.0, learning_rate=1e-3, beta2=0.99, clusters=4)
+                    d_dropout=0.0, d_lr_scale=2.0, learning_rate=1e-3, beta2=0.99, clusters=4,
+                    mode_seeking=0.5)
     pixels = np.round((real_batch + 1.0) * 127.5).astype(np.uint8)
     batch_clusters, frequencies = clusters.kmeans(pixels, 4)
     g_state, d_state = create_states(config, jax.random.key(0), frequencies)
