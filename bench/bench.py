@@ -9,8 +9,9 @@ Run from the repository root, after `pip install -r requirements-bench.txt`:
 What is timed is one full update of G and D as `digitscape_jax.steps.train_step` defines it,
 with each arch's recipe (`Config(arch=...)`): noise -> G, then D (with dropout where the arch
 has it) on the real batch and on the fakes (two calls), d_loss = (bce(real, 1) + bce(fake, 0))
-/ 2 and g_loss = bce(fake, 1) (or the hinge losses), both gradients from that one forward
-pass, and an Adam step (eps 1e-7, with the arch's learning rates, their decay, and betas) on
+/ 2 and g_loss = bce(fake, 1) (or the hinge losses; plus the mode-seeking term, over fakes
+drawn in pairs of one class, where the arch has it: `fast`), both gradients from that one
+forward pass, and an Adam step (eps 1e-7, with the arch's learning rates, their decay, and betas) on
 each network. Each framework backpropagates each loss only where it depends: d_loss into D,
 g_loss through D's fake call into G. An arch conditioned on labels or clusters (`fast`)
 conditions both networks in every framework: G's label embedding beside the noise (less its
@@ -79,6 +80,7 @@ KERNEL = 5
 SEED_SIZE = 7  # G's first feature map is 7x7; images are 28x28x1.
 LABEL_EMBEDDING = 16  # Size of a conditioned G's label embedding, beside the noise.
 IMAGE_SIZE = 28
+MODE_SEEKING_EPSILON = 1e-5
 
 
 # --- Work per step ----------------------------------------------------------------------------
@@ -164,6 +166,15 @@ def fixed_labels(batch: int, config: Config) -> np.ndarray | None:
     return np.random.default_rng(1).integers(0, config.label_count, batch).astype(np.int32)
 
 
+def fake_labels_of(batch: int, config: Config) -> np.ndarray | None:
+    """The classes G draws: the real batch's, or with mode seeking, its first half's twice
+    (the fakes come in pairs of one class)."""
+    labels = fixed_labels(batch, config)
+    if labels is None or not config.mode_seeking:
+        return labels
+    return np.tile(labels[:batch // 2], 2)
+
+
 def build_jax(arch: str, batch: int, gpu: bool) -> Built:
     """Ours: `create_states` and `jit_train_step`, blocking on the new states and metrics."""
     if not gpu:
@@ -196,13 +207,11 @@ def build_jax(arch: str, batch: int, gpu: bool) -> Built:
 
 
 def peer_recipe(arch: str) -> Config:
-    """The arch's recipe, which the tf and torch workers reproduce: R1, translation and mode
-    seeking are not written for them, so an arch that uses any is refused rather than timed
-    without."""
+    """The arch's recipe, which the tf and torch workers reproduce: R1 and translation are
+    not written for them, so an arch that uses either is refused rather than timed without."""
     config = Config(arch=arch)
-    if config.r1_gamma or config.translate or config.mode_seeking:
-        raise SystemExit(f"{arch}: the tf and torch peers do not implement R1, translation or "
-                         "mode seeking")
+    if config.r1_gamma or config.translate:
+        raise SystemExit(f"{arch}: the tf and torch peers do not implement R1 or translation")
     return config
 
 
@@ -279,23 +288,23 @@ def build_tf(arch: str, batch: int) -> Built:
     d_opt.build(discriminator.trainable_variables)
     sample_noise = tf.random.uniform if spec.noise == "uniform" else tf.random.normal
     images = tf.constant(fixed_images(batch))
-    labels = fixed_labels(batch, config)
-    labels = None if labels is None else tf.constant(labels)
+    labels, fake_labels = (None if classes is None else tf.constant(classes)
+                           for classes in (fixed_labels(batch, config), fake_labels_of(batch, config)))
 
     def bce(logits: tf.Tensor, label: float) -> tf.Tensor:
         targets = tf.fill(tf.shape(logits), label)
         return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(targets, logits))
 
-    def conditioned(x: tf.Tensor) -> Any:
+    def conditioned(x: tf.Tensor, labels: tf.Tensor | None) -> Any:
         return x if labels is None else [x, labels]
 
     @tf.function
     def train_step(real: tf.Tensor) -> tf.Tensor:
         noise = sample_noise((batch, LATENT_DIM))
         with tf.GradientTape(persistent=True) as tape:
-            fake = generator(conditioned(noise), training=True)
-            real_logits = discriminator(conditioned(real), training=True)[:, 0]
-            fake_logits = discriminator(conditioned(fake), training=True)[:, 0]
+            fake = generator(conditioned(noise, fake_labels), training=True)
+            real_logits = discriminator(conditioned(real, labels), training=True)[:, 0]
+            fake_logits = discriminator(conditioned(fake, fake_labels), training=True)[:, 0]
             if config.loss == "hinge":
                 d_loss = (tf.reduce_mean(tf.nn.relu(1.0 - real_logits))
                           + tf.reduce_mean(tf.nn.relu(1.0 + fake_logits))) / 2
@@ -303,6 +312,11 @@ def build_tf(arch: str, batch: int) -> Built:
             else:
                 d_loss = (bce(real_logits, 1.0) + bce(fake_logits, 0.0)) / 2
                 g_loss = bce(fake_logits, 1.0)
+            if config.mode_seeking:
+                half = batch // 2
+                spread = (tf.reduce_mean(tf.abs(fake[:half] - fake[half:]))
+                          / tf.reduce_mean(tf.abs(noise[:half] - noise[half:])))
+                g_loss += config.mode_seeking / (spread + MODE_SEEKING_EPSILON)
         d_grads = tape.gradient(d_loss, discriminator.trainable_variables)
         g_grads = tape.gradient(g_loss, generator.trainable_variables)
         d_opt.apply_gradients(zip(d_grads, discriminator.trainable_variables))
@@ -414,22 +428,29 @@ def build_torch(arch: str, batch: int, gpu: bool, threads: int, compile_models: 
         generator, discriminator = torch.compile(generator), torch.compile(discriminator)
     sample_noise = torch.rand if spec.noise == "uniform" else torch.randn
     images = torch.from_numpy(fixed_images(batch)).permute(0, 3, 1, 2).contiguous().to(device)
-    labels = fixed_labels(batch, config)
-    labelled = () if labels is None else (torch.from_numpy(labels).long().to(device),)
+    labelled, fake_labelled = (
+        () if classes is None else (torch.from_numpy(classes).long().to(device),)
+        for classes in (fixed_labels(batch, config), fake_labels_of(batch, config)))
 
     def bce(logits: torch.Tensor, label: float) -> torch.Tensor:
         return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, label))
 
     def step() -> float:
-        fake = generator(sample_noise(batch, LATENT_DIM, device=device), *labelled)
+        noise = sample_noise(batch, LATENT_DIM, device=device)
+        fake = generator(noise, *fake_labelled)
         real_logits = discriminator(images, *labelled)[:, 0]
-        fake_logits = discriminator(fake, *labelled)[:, 0]
+        fake_logits = discriminator(fake, *fake_labelled)[:, 0]
         if config.loss == "hinge":
             d_loss = (F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean()) / 2
             g_loss = -fake_logits.mean()
         else:
             d_loss = (bce(real_logits, 1.0) + bce(fake_logits, 0.0)) / 2
             g_loss = bce(fake_logits, 1.0)
+        if config.mode_seeking:
+            half = batch // 2
+            spread = ((fake[:half] - fake[half:]).abs().mean()
+                      / (noise[:half] - noise[half:]).abs().mean())
+            g_loss = g_loss + config.mode_seeking / (spread + MODE_SEEKING_EPSILON)
         d_grads = torch.autograd.grad(d_loss, d_params, retain_graph=True)
         g_grads = torch.autograd.grad(g_loss, g_params)
         for params, grads, opt, schedule in ((d_params, d_grads, d_opt, schedules[0]),
