@@ -120,7 +120,9 @@ def train_step(
     is folded in from `g_state.step`, so it is a pure function of (seed, step).
     A conditional (or clustered) G draws fakes of the real batch's `labels` (its
     digits' classes, or clusters), so D sees both halves with the same classes;
-    an unconditional one ignores them.
+    an unconditional one ignores them. With `config.mode_seeking`, G draws its
+    fakes in pairs of one class instead (the first half's labels, twice) and adds
+    the mode-seeking term over the pairs to its loss.
 
     D scores the real and the fake batch in two calls (it has no batch
     statistics), so that each loss backpropagates only where it depends:
