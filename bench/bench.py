@@ -11,8 +11,8 @@ with each arch's recipe (`Config(arch=...)`): noise -> G, then D (with dropout w
 has it) on the real batch and on the fakes (two calls), d_loss = (bce(real, 1) + bce(fake, 0))
 / 2 and g_loss = bce(fake, 1) (or the hinge losses; plus the mode-seeking term, over fakes
 drawn in pairs of one class, where the arch has it: `fast`), both gradients from that one
-forward pass, and an Adam step (eps 1e-7, with the arch's learning rates, their decay, and betas) on
-each network. Each framework backpropagates each loss only where it depends: d_loss into D,
+forward pass, and an Adam step (eps 1e-7, with the arch's learning rates, their decay, and
+betas) on each network. Each framework backpropagates each loss only where it depends: d_loss into D,
 g_loss through D's fake call into G. An arch conditioned on labels or clusters (`fast`)
 conditions both networks in every framework: G's label embedding beside the noise (less its
 first entry with clusters), and D's projection of its features onto an embedding of the
@@ -289,7 +289,8 @@ def build_tf(arch: str, batch: int) -> Built:
     sample_noise = tf.random.uniform if spec.noise == "uniform" else tf.random.normal
     images = tf.constant(fixed_images(batch))
     labels, fake_labels = (None if classes is None else tf.constant(classes)
-                           for classes in (fixed_labels(batch, config), fake_labels_of(batch, config)))
+                           for classes in (fixed_labels(batch, config),
+                                           fake_labels_of(batch, config)))
 
     def bce(logits: tf.Tensor, label: float) -> tf.Tensor:
         targets = tf.fill(tf.shape(logits), label)

@@ -157,8 +157,8 @@ class Config:
     steps: int = setting(20_000, "total number of updates (of both G and D) to train to",
                          bound=POSITIVE, role="schedule")
     arch: str = setting(DEFAULT_ARCH, "'fast': small, self-conditioned on 200 clusters, without "
-                        "dropout, at lr 5e-4 halving every 6,000 steps, with mode seeking 0.1; 'seed': the original "
-                        "Keras model (widths 8/8/16, D 16/32, U[0,1) noise); 'dcgan': the "
+                        "dropout, at lr 5e-4 halving every 6,000 steps, with mode seeking 0.1; "
+                        "'seed': the original Keras model (widths 8/8/16, D 16/32, U[0,1) noise); 'dcgan': the "
                         "TensorFlow tutorial widths (256/128/64, D 64/128, N(0,1) noise); "
                         "'small': dcgan at half those widths, batch 64",
                         choices=lambda: sorted(ARCHS), role="model")
@@ -322,9 +322,8 @@ def field_types() -> dict[str, type]:
 # What every run trained with before these fields existed: a checkpoint config that
 # lacks them reads as these values, whatever an arch's defaults have become since.
 SETTINGS_BEFORE_THEIR_FIELDS = {"d_lr_scale": 1.0, "loss": "bce", "r1_gamma": 0.0,
-                                "r1_every": 4, "d_dropout": 0.3, "translate": 0, "mode_seeking": 0.0,
-                                "clusters": 0,
-                                "lr_half_life": 0}
+                                "r1_every": 4, "d_dropout": 0.3, "translate": 0,
+                                "mode_seeking": 0.0, "clusters": 0, "lr_half_life": 0}
 
 
 @dataclasses.dataclass(frozen=True)
