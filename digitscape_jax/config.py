@@ -20,6 +20,8 @@ from digitscape_jax.errors import UserError
 
 NoiseKind = Literal["uniform", "normal"]
 LOSSES = ("bce", "hinge")
+# What self-conditioning's k-means compares (clusters.cluster_points).
+CLUSTER_FEATURES = ("pixels", "normalised")
 # Compute dtypes of the forward and backward passes; params, optimizer state,
 # BatchNorm statistics and losses are float32 under either.
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -52,6 +54,7 @@ class ArchSpec:
     translate: int = 0
     mode_seeking: float = 0.0
     clusters: int = 0
+    cluster_features: str = "pixels"
     lr_half_life: int = 0
 
 
@@ -67,12 +70,12 @@ ARCHS: dict[str, ArchSpec] = {
     # fewer FLOPs per digit, and better digits per CPU-minute (docs/quality.md).
     "small": ArchSpec(128, (64, 32), (32, 64), noise="normal", batch_size=64,
                       learning_rate=2e-4, beta1=0.5),
-    # small, self-conditioned on 200 clusters of the digits, without dropout in D, at a
-    # higher learning rate that halves every 6,000 steps, with the mode-seeking term: the
-    # levers that measured best per CPU-minute (docs/quality.md).
+    # small, self-conditioned on 200 clusters of the digits' shapes, without dropout in D,
+    # at a higher learning rate that halves every 6,000 steps, with the mode-seeking term:
+    # the levers that measured best per CPU-minute (docs/quality.md).
     "fast": ArchSpec(128, (64, 32), (32, 64), noise="normal", batch_size=64,
                      learning_rate=5e-4, beta1=0.5, d_dropout=0.0, clusters=200,
-                     lr_half_life=6000, mode_seeking=0.1),
+                     cluster_features="normalised", lr_half_life=6000, mode_seeking=0.1),
 }
 
 DEFAULT_ARCH = "fast"
@@ -113,8 +116,9 @@ def at_least(minimum: int) -> Bound:
     return Bound(lambda v: v >= minimum, f">= {minimum}")
 
 
-# What a field is to a checkpoint: "model" fields fix the networks' shapes (a checkpoint is
-# only resumed or sampled with the values it was written with); "schedule" fields only say how
+# What a field is to a checkpoint: "model" fields fix the networks' shapes or what their
+# classes mean (a checkpoint is only resumed or sampled with the values it was written
+# with); "schedule" fields only say how
 # long to train, how often to report and where batches are gathered (free to change on
 # resume); "recipe" fields change the result (allowed on resume, with a warning).
 Role = Literal["model", "recipe", "schedule"]
@@ -169,6 +173,11 @@ class Config:
         "clusters", "condition G and D on this many k-means clusters of the training digits' "
         "pixels, found without labels, G drawing the cluster from its noise (a self-conditioned "
         "GAN; 0: none; --conditional uses the labels instead)", bound=CLUSTER_COUNT,
+        role="model")
+    cluster_features: str | None = arch_setting(
+        "cluster_features", "what --clusters' k-means compares: 'pixels', 2x2-averaged; "
+        "'normalised', those centred and scaled to unit length per digit, so that digits "
+        "group by shape, not by how much ink they hold", choices=lambda: list(CLUSTER_FEATURES),
         role="model")
     batch_size: int | None = arch_setting("batch_size", "images per update", bound=POSITIVE)
     learning_rate: float | None = arch_setting(
@@ -323,7 +332,8 @@ def field_types() -> dict[str, type]:
 # lacks them reads as these values, whatever an arch's defaults have become since.
 SETTINGS_BEFORE_THEIR_FIELDS = {"d_lr_scale": 1.0, "loss": "bce", "r1_gamma": 0.0,
                                 "r1_every": 4, "d_dropout": 0.3, "translate": 0,
-                                "mode_seeking": 0.0, "clusters": 0, "lr_half_life": 0}
+                                "mode_seeking": 0.0, "clusters": 0, "lr_half_life": 0,
+                                "cluster_features": "pixels"}
 
 
 @dataclasses.dataclass(frozen=True)

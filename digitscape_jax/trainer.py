@@ -84,7 +84,7 @@ def _train(config: Config, paths: RunPaths, stream: TextIO, warn: Callable[[str]
     images, labels, evaluator = _load_data(config, paths)
     frequencies = None
     if config.clusters:  # The clusters stand in for the labels.
-        labels, frequencies = clusters.kmeans(images, config.clusters)
+        labels, frequencies = clusters.kmeans(images, config.clusters, config.cluster_features)
     keys = RunKeys.of(config.seed)
     outputs = RunOutputs(config, paths, keys.sample, replicated)
     progress = Progress(start, config.steps, stream)

@@ -1,5 +1,5 @@
-"""Self-conditioning (--clusters): k-means on pixels, the cluster prior in G's noise, and
-checkpoints from before G had constants."""
+"""Self-conditioning (--clusters): k-means on pixels or shapes, the cluster prior in G's noise,
+and checkpoints from before G had constants or a choice of cluster features."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def groups_of_images(sizes: list[int], seed: int = 0) -> tuple[np.ndarray, np.nd
 def test_kmeans_finds_separated_groups_and_their_shares_deterministically():
     sizes = [30, 60, 90, 20]
     images, groups = groups_of_images(sizes)
-    assignments, frequencies = clusters.kmeans(images, 4)
+    assignments, frequencies = clusters.kmeans(images, 4, "pixels")
     assert assignments.dtype == np.int32 and assignments.shape == (200,)
     # One cluster per group, whatever their numbering.
     pairs = set(zip(groups.tolist(), assignments.tolist()))
@@ -41,10 +41,35 @@ def test_kmeans_finds_separated_groups_and_their_shares_deterministically():
     by_group = dict(pairs)
     np.testing.assert_allclose([frequencies[by_group[g]] for g in range(4)],
                                np.array(sizes) / 200, atol=1e-6)
-    again, _ = clusters.kmeans(images, 4)
+    again, _ = clusters.kmeans(images, 4, "pixels")
     np.testing.assert_array_equal(again, assignments)
     with pytest.raises(UserError, match="--clusters 201 is more than the 200 training images"):
-        clusters.kmeans(images, 201)
+        clusters.kmeans(images, 201, "pixels")
+
+
+def test_normalised_features_group_digits_by_shape_not_by_ink():
+    """Two overlapping shapes, each drawn bold and faint: on pixels the ink splits them,
+    normalised the shape does. The normalised points are centred and of unit length."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 20, (80, 28, 28, 1)).astype(np.uint8)
+    shapes, faint = np.arange(80) % 2, np.arange(80) % 4 >= 2
+    for shape in (0, 1):
+        images[shapes == shape, 7:14, 7 + 2 * shape:14 + 2 * shape] = 250
+    images[faint] //= 10  # the same digits with a tenth of the ink
+    points = np.asarray(clusters.cluster_points(images, "normalised"))
+    np.testing.assert_allclose(points.mean(axis=1), 0.0, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(points, axis=1), 1.0, rtol=1e-5)
+
+    def clusters_are(assignments: np.ndarray, kinds: np.ndarray) -> bool:
+        """Whether the two clusters are the two kinds, whatever their numbering."""
+        return len(set(zip(kinds.tolist(), assignments.tolist()))) == 2
+
+    by_pixels, _ = clusters.kmeans(images, 2, "pixels")
+    by_shape, _ = clusters.kmeans(images, 2, "normalised")
+    assert clusters_are(by_pixels, faint) and not clusters_are(by_pixels, shapes)
+    assert clusters_are(by_shape, shapes) and not clusters_are(by_shape, faint)
+    blank = clusters.cluster_points(np.zeros((2, 28, 28, 1), np.uint8), "normalised")
+    assert np.isfinite(np.asarray(blank)).all()
 
 
 @pytest.mark.parametrize("noise", ["normal", "uniform"])
@@ -84,6 +109,10 @@ def test_a_clustered_generator_draws_its_cluster_from_the_first_noise_entry(real
 
 def test_clusters_are_the_arch_s_unless_the_model_is_conditional():
     assert Config(arch="seed").clusters == 0
+    assert (Config().cluster_features, Config(arch="seed").cluster_features) == (
+        "normalised", "pixels")
+    with pytest.raises(ConfigError, match="unknown 'edges'"):
+        Config(cluster_features="edges")
     assert Config(arch="seed", clusters=8).label_count == 8
     assert Config(arch="seed", conditional=True).label_count == 10
     for name in ("seed", "dcgan", "small"):
@@ -114,3 +143,17 @@ def test_a_checkpoint_from_before_g_had_constants_restores(tmp_path):
                  (g_state.params, g_state.ema_params, d_state.params))
     assert ckpt.restore_generator(7, abstract_states(config)).variables.keys() == {
         "params", "batch_stats"}
+
+
+def test_a_checkpoint_from_before_cluster_features_clustered_pixels_and_resumes_only_so():
+    """Its config has no `cluster_features`: it reads as 'pixels', what every run clustered
+    then, and a run that asks for `fast`'s new default is refused rather than resumed on other
+    clusters."""
+    saved = {**Config().to_json(), "cluster_features": None}
+    del saved["cluster_features"]
+    old = Config.from_json(saved)
+    assert (old.arch, old.clusters, old.cluster_features) == ("fast", 200, "pixels")
+    with pytest.raises(UserError, match="cluster_features='pixels' but this run asks for "
+                                        "cluster_features='normalised'"):
+        Config().check_resumable_with(old)
+    Config(cluster_features="pixels").check_resumable_with(old)

@@ -242,7 +242,7 @@ def test_the_regularised_recipe_trains(real_batch):
                     d_dropout=0.0, d_lr_scale=2.0, learning_rate=1e-3, beta2=0.99, clusters=4,
                     mode_seeking=0.5)
     pixels = np.round((real_batch + 1.0) * 127.5).astype(np.uint8)
-    batch_clusters, frequencies = clusters.kmeans(pixels, 4)
+    batch_clusters, frequencies = clusters.kmeans(pixels, 4, "pixels")
     g_state, d_state = create_states(config, jax.random.key(0), frequencies)
     step = jit_train_step(config)
     first = None
