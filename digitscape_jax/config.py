@@ -53,6 +53,7 @@ class ArchSpec:
     d_dropout: float = 0.3
     translate: int = 0
     mode_seeking: float = 0.0
+    conditional_mode_seeking: float | None = None  # mode_seeking with --conditional, if other
     clusters: int = 0
     cluster_features: str = "pixels"
     lr_half_life: int = 0
@@ -71,11 +72,13 @@ ARCHS: dict[str, ArchSpec] = {
     "small": ArchSpec(128, (64, 32), (32, 64), noise="normal", batch_size=64,
                       learning_rate=2e-4, beta1=0.5),
     # small, self-conditioned on 200 clusters of the digits' shapes, without dropout in D,
-    # at a higher learning rate that halves every 6,000 steps, with the mode-seeking term:
-    # the levers that measured best per CPU-minute (docs/quality.md).
+    # at a higher learning rate that halves every 6,000 steps, with the mode-seeking term
+    # (at half the weight with labels, which measured worse at 0.2 and 0.3): the levers
+    # that measured best per CPU-minute (docs/quality.md).
     "fast": ArchSpec(128, (64, 32), (32, 64), noise="normal", batch_size=64,
                      learning_rate=5e-4, beta1=0.5, d_dropout=0.0, clusters=200,
-                     cluster_features="normalised", lr_half_life=6000, mode_seeking=0.1),
+                     cluster_features="normalised", lr_half_life=6000, mode_seeking=0.2,
+                     conditional_mode_seeking=0.1),
 }
 
 DEFAULT_ARCH = "fast"
@@ -209,7 +212,8 @@ class Config:
         "mode_seeking", "weight of the mode-seeking term in G's loss (Mao et al., 2019): the "
         "inverse of how far apart two fakes of the same class are, per unit of distance "
         "between their noises, over pairs of the batch's halves; it keeps G from drawing one "
-        "style per class (0: none)", bound=NON_NEGATIVE_FINITE)
+        "style per class (0: none; fast takes 0.1 with --conditional)",
+        bound=NON_NEGATIVE_FINITE)
     ema_decay: float = setting(0.999, "decay of the moving average of G's weights that sampling "
                                "uses (0: no averaging)", bound=UNIT_INTERVAL)
     latent_dim: int = setting(100, "size of the generator's noise input", bound=POSITIVE,
@@ -249,6 +253,9 @@ class Config:
                               "conditions on the labels")
         if self.conditional and self.clusters is None:
             object.__setattr__(self, "clusters", 0)
+        if (self.conditional and self.mode_seeking is None
+                and self.spec.conditional_mode_seeking is not None):
+            object.__setattr__(self, "mode_seeking", self.spec.conditional_mode_seeking)
         for field in dataclasses.fields(self):
             if getattr(self, field.name) is None:
                 object.__setattr__(self, field.name, getattr(self.spec, field.name))

@@ -49,8 +49,12 @@ def test_a_config_takes_its_archs_batch_size_and_adam_unless_given():
     assert (seed.batch_size, seed.learning_rate, seed.beta1) == (64, 1e-4, 0.9)  # the original's
     assert (default.arch, default.batch_size, default.learning_rate, default.beta1,
             default.d_dropout, default.clusters, default.lr_half_life, default.mode_seeking) == (
-        "fast", 64, 5e-4, 0.5, 0.0, 200, 6000, 0.1)
+        "fast", 64, 5e-4, 0.5, 0.0, 200, 6000, 0.2)
     assert (seed.mode_seeking, Config(arch="dcgan").mode_seeking) == (0.0, 0.0)
+    # fast's weight with labels is its own, and a given weight is kept in either form.
+    assert (Config(conditional=True).mode_seeking, Config(arch="seed", conditional=True)
+            .mode_seeking, Config(conditional=True, mode_seeking=0.3).mode_seeking) == (
+        0.1, 0.0, 0.3)
     assert (Config(arch="dcgan").batch_size, Config(arch="dcgan").learning_rate) == (256, 2e-4)
     given = Config(arch="seed", batch_size=8, learning_rate=3e-4, beta1=0.0)
     assert (given.batch_size, given.learning_rate, given.beta1) == (8, 3e-4, 0.0)
