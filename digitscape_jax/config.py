@@ -163,9 +163,10 @@ class Config:
 
     steps: int = setting(20_000, "total number of updates (of both G and D) to train to",
                          bound=POSITIVE, role="schedule")
-    arch: str = setting(DEFAULT_ARCH, "'fast': small, self-conditioned on 200 clusters, without "
-                        "dropout, at lr 5e-4 halving every 6,000 steps, with mode seeking 0.1; "
-                        "'seed': the original Keras model (widths 8/8/16, D 16/32, U[0,1) noise); 'dcgan': the "
+    arch: str = setting(DEFAULT_ARCH, "'fast': small, self-conditioned on 200 clusters of "
+                        "shapes, without dropout, at lr 5e-4 halving every 6,000 steps, with "
+                        "mode seeking 0.2 (0.1 with --conditional); 'seed': the original Keras "
+                        "model (widths 8/8/16, D 16/32, U[0,1) noise); 'dcgan': the "
                         "TensorFlow tutorial widths (256/128/64, D 64/128, N(0,1) noise); "
                         "'small': dcgan at half those widths, batch 64",
                         choices=lambda: sorted(ARCHS), role="model")
