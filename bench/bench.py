@@ -12,8 +12,8 @@ has it) on the real batch and on the fakes (two calls), d_loss = (bce(real, 1) +
 / 2 and g_loss = bce(fake, 1) (or the hinge losses; plus the mode-seeking term, over fakes
 drawn in pairs of one class, where the arch has it: `fast`), both gradients from that one
 forward pass, and an Adam step (eps 1e-7, with the arch's learning rates, their decay, and
-betas) on each network. Each framework backpropagates each loss only where it depends: d_loss into D,
-g_loss through D's fake call into G. An arch conditioned on labels or clusters (`fast`)
+betas) on each network. Each framework backpropagates each loss only where it depends: d_loss
+into D, g_loss through D's fake call into G. An arch conditioned on labels or clusters (`fast`)
 conditions both networks in every framework: G's label embedding beside the noise (less its
 first entry with clusters), and D's projection of its features onto an embedding of the
 label. The "real" images are one fixed random batch in [-1, 1], with fixed random classes:

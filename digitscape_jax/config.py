@@ -121,9 +121,9 @@ def at_least(minimum: int) -> Bound:
 
 # What a field is to a checkpoint: "model" fields fix the networks' shapes or what their
 # classes mean (a checkpoint is only resumed or sampled with the values it was written
-# with); "schedule" fields only say how
-# long to train, how often to report and where batches are gathered (free to change on
-# resume); "recipe" fields change the result (allowed on resume, with a warning).
+# with); "schedule" fields only say how long to train, how often to report and where batches
+# are gathered (free to change on resume); "recipe" fields change the result (allowed on
+# resume, with a warning).
 Role = Literal["model", "recipe", "schedule"]
 
 
@@ -174,8 +174,8 @@ class Config:
                                 "draws 7s: G embeds the label beside the noise, D projects it "
                                 "onto its features", role="model")
     clusters: int | None = arch_setting(
-        "clusters", "condition G and D on this many k-means clusters of the training digits' "
-        "pixels, found without labels, G drawing the cluster from its noise (a self-conditioned "
+        "clusters", "condition G and D on this many k-means clusters of the training digits "
+        "(--cluster-features), found without labels, G drawing the cluster from its noise (a self-conditioned "
         "GAN; 0: none; --conditional uses the labels instead)", bound=CLUSTER_COUNT,
         role="model")
     cluster_features: str | None = arch_setting(

@@ -149,7 +149,7 @@ def test_a_checkpoint_from_before_cluster_features_clustered_pixels_and_resumes_
     """Its config has no `cluster_features`: it reads as 'pixels', what every run clustered
     then, and a run that asks for `fast`'s new default is refused rather than resumed on other
     clusters."""
-    saved = {**Config().to_json(), "cluster_features": None}
+    saved = Config().to_json()
     del saved["cluster_features"]
     old = Config.from_json(saved)
     assert (old.arch, old.clusters, old.cluster_features) == ("fast", 200, "pixels")
