@@ -192,13 +192,14 @@ def _load(path: Path) -> Any:
     if not path.is_file():
         raise UserError(f"no classifier weights at {path}; write them with "
                         "python -m digitscape_jax.evaluate --train-classifier")
-    template = init_params(jax.random.key(0))
+    # The params' structure and shapes, without computing an initialisation to throw away.
+    template = jax.eval_shape(init_params, jax.random.key(0))
     try:
         params = serialization.from_bytes(template, path.read_bytes())
     except Exception as e:  # noqa: BLE001  (msgpack and flax raise many types for bad data)
         raise UserError(f"{path} is not a classifier weights file: {type(e).__name__}") from None
     shapes = jax.tree_util.tree_map(np.shape, params)
-    if shapes != jax.tree_util.tree_map(np.shape, template):
+    if shapes != jax.tree_util.tree_map(lambda leaf: leaf.shape, template):
         raise UserError(f"{path} holds weights of another architecture")
     return jax.device_put(params)
 

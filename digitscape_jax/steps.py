@@ -12,6 +12,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
+from digitscape_jax import xla_flags
 from digitscape_jax.clusters import cluster_bounds
 from digitscape_jax.config import Config
 from digitscape_jax.losses import (discriminator_loss, generator_loss, mode_seeking_loss,
@@ -56,15 +57,15 @@ def create_states(config: Config, key: jax.Array,
     """Freshly initialised G and D states, each with its own Adam; with --clusters, G draws
     clusters by `cluster_frequencies` (by default, all equally often).
 
-    Compiled as one program: run op by op, the initialisation took longer than
-    compiling and running the first update.
+    Compiled as one program (run op by op, the initialisation took longer than
+    compiling and running the first update), without XLA:CPU's optimisations: it runs once.
     """
     return _jit_create_states(config)(key, cluster_frequencies)
 
 
 @functools.cache
 def _jit_create_states(config: Config) -> Callable[[jax.Array, Any], Any]:
-    return jax.jit(functools.partial(_create_states, config))
+    return xla_flags.jit_run_once(functools.partial(_create_states, config))
 
 
 def _create_states(config: Config, key: jax.Array,
@@ -100,7 +101,7 @@ def abstract_states(config: Config, sharding: jax.sharding.Sharding | None = Non
     Placed by `sharding`, by default on this process's first device: a checkpoint
     written by any number of devices or processes restores onto it.
     """
-    abstract = jax.eval_shape(lambda: create_states(config, jax.random.key(0)))
+    abstract = jax.eval_shape(functools.partial(_create_states, config), jax.random.key(0), None)
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
 

@@ -61,6 +61,21 @@ def test_committed_classifier_is_over_99_percent_accurate(mnist):
     assert classifier.WEIGHTS.stat().st_size < 1_000_000
 
 
+def test_classifier_weights_of_another_kind_are_refused(tmp_path):
+    from flax import serialization
+
+    params = classifier.load()
+    (tmp_path / "junk.msgpack").write_bytes(b"not msgpack at all")
+    narrower = {**params, "logits": {"bias": np.zeros(3, np.float32),
+                                     "kernel": np.zeros((128, 3), np.float32)}}
+    (tmp_path / "other.msgpack").write_bytes(serialization.to_bytes(narrower))
+    for name, message in (("missing", "no classifier weights at"),
+                          ("junk", "is not a classifier weights file"),
+                          ("other", "holds weights of another architecture")):
+        with pytest.raises(UserError, match=message):
+            classifier.load(tmp_path / f"{name}.msgpack")
+
+
 def test_classifier_takes_uint8_digits_only():
     params = classifier.load()
     features, logits = classifier.classify(params, np.zeros((3, 28, 28, 1), np.uint8))

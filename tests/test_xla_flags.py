@@ -1,10 +1,17 @@
-"""The project's XLA:CPU flags are set, and never override the user's own."""
+"""The project's XLA:CPU flags are set, and never override the user's own; a program
+compiled to run once computes what an optimised one does."""
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 
-from digitscape_jax import xla_flags
+import jax
+import numpy as np
+import pytest
+
+from digitscape_jax import steps, xla_flags
+from digitscape_jax.config import Config
 
 
 def test_flags_are_added_for_the_measured_jaxlib(monkeypatch):
@@ -28,3 +35,18 @@ def test_unmeasured_releases_get_no_flags(monkeypatch):
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     xla_flags.apply()
     assert "XLA_FLAGS" not in xla_flags.os.environ
+
+
+@pytest.mark.parametrize("conditional", [False, True])  # clusters' bounds; a label embedding
+def test_a_run_once_program_computes_the_same_bits_as_an_optimised_one(conditional):
+    """The initialisation, compiled without XLA:CPU's costliest optimisations, draws the same
+    params."""
+    initialise = functools.partial(steps._create_states, Config(arch="fast",
+                                                                conditional=conditional))
+    key = jax.random.key(3)
+    once = xla_flags.jit_run_once(initialise)(key, None)
+    optimised = jax.jit(initialise)(key, None)
+    leaves = jax.tree.leaves(once)
+    assert len(leaves) > 20
+    for ours, theirs in zip(leaves, jax.tree.leaves(optimised), strict=True):
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
