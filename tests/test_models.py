@@ -143,15 +143,18 @@ def test_conv_transpose_is_flax_and_lax_conv_transpose(kernel_size, stride, feat
         return jax.lax.conv_transpose(x, k, (stride, stride), "SAME",
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
-    expected = lax_fn(kernel, x)
-    assert ours_fn(kernel, x).shape == (2, 7 * stride, 7 * stride, features)
-    np.testing.assert_allclose(ours_fn(kernel, x), expected, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(flax_fn(kernel, x), expected, rtol=1e-5, atol=1e-5)
+    @jax.jit  # One program: compiled faster than its operations one by one.
+    def outputs_and_gradients(kernel, x, cotangent):
+        grads = [jax.grad(lambda k, x, f=f: (f(k, x) * cotangent).sum(), argnums=(0, 1))(
+            kernel, x) for f in (ours_fn, lax_fn)]
+        return [f(kernel, x) for f in (ours_fn, flax_fn, lax_fn)], grads
 
+    cotangent = jax.random.normal(jax.random.key(2), (2, 7 * stride, 7 * stride, features))
+    (ours_out, flax_out, expected), grads = outputs_and_gradients(kernel, x, cotangent)
+    assert ours_out.shape == expected.shape == (2, 7 * stride, 7 * stride, features)
+    np.testing.assert_allclose(ours_out, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(flax_out, expected, rtol=1e-5, atol=1e-5)
     # Same gradients with respect to the kernel and the input.
-    cotangent = jax.random.normal(jax.random.key(2), expected.shape)
-    grads = [jax.grad(lambda k, x, f=f: (f(k, x) * cotangent).sum(), argnums=(0, 1))(kernel, x)
-             for f in (ours_fn, lax_fn)]
     for ours_grad, ref_grad in zip(*grads):
         np.testing.assert_allclose(ours_grad, ref_grad, rtol=1e-4, atol=1e-4)
 
@@ -169,15 +172,19 @@ def test_conv_is_flax_conv_with_the_same_gradients(kernel_size, stride, size, ch
     variables = ours.init(jax.random.key(1), x)
     variables = jax.tree.map(lambda p: p + 0.1, variables)  # a nonzero bias too
     flax_ref = nn.Conv(16, (kernel_size, kernel_size), strides=stride, padding="SAME")
-    expected = flax_ref.apply(variables, x)
     out_size = -(-size // stride)
-    assert ours.apply(variables, x).shape == expected.shape == (2, out_size, out_size, 16)
-    np.testing.assert_allclose(ours.apply(variables, x), expected, rtol=1e-5, atol=1e-5)
 
+    @jax.jit  # One program: compiled faster than its operations one by one.
+    def outputs_and_gradients(variables, x, cotangent):
+        grads = [jax.grad(lambda v, x, m=m: (m.apply(v, x) * cotangent).sum(), argnums=(0, 1))(
+            variables, x) for m in (ours, flax_ref)]
+        return [m.apply(variables, x) for m in (ours, flax_ref)], grads
+
+    cotangent = jax.random.normal(jax.random.key(2), (2, out_size, out_size, 16))
+    (ours_out, expected), grads = outputs_and_gradients(variables, x, cotangent)
+    assert ours_out.shape == expected.shape == (2, out_size, out_size, 16)
+    np.testing.assert_allclose(ours_out, expected, rtol=1e-5, atol=1e-5)
     # The custom input gradient (a transposed convolution) and XLA's kernel gradient.
-    cotangent = jax.random.normal(jax.random.key(2), expected.shape)
-    grads = [jax.grad(lambda v, x, m=m: (m.apply(v, x) * cotangent).sum(), argnums=(0, 1))(
-        variables, x) for m in (ours, flax_ref)]
     for ours_grad, ref_grad in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
         np.testing.assert_allclose(ours_grad, ref_grad, rtol=1e-4, atol=1e-4)
 
