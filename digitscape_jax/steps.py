@@ -58,7 +58,8 @@ def create_states(config: Config, key: jax.Array,
     clusters by `cluster_frequencies` (by default, all equally often).
 
     Compiled as one program (run op by op, the initialisation took longer than
-    compiling and running the first update), without XLA:CPU's optimisations: it runs once.
+    compiling and running the first update), without XLA:CPU's costliest optimisations: it
+    runs once.
     """
     return _jit_create_states(config)(key, cluster_frequencies)
 
