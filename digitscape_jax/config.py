@@ -57,6 +57,7 @@ class ArchSpec:
     clusters: int = 0
     cluster_features: str = "pixels"
     lr_half_life: int = 0
+    minibatch_std: int = 0
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -111,6 +112,7 @@ NON_NEGATIVE_FINITE = Bound(lambda v: 0.0 <= v < math.inf, ">= 0 and finite", "a
 POSITIVE_FINITE = Bound(lambda v: 0.0 < v < math.inf, "positive and finite", "a positive number")
 UNIT_INTERVAL = Bound(lambda v: 0.0 <= v < 1.0, "in [0, 1)", "a number in [0, 1)")
 CLUSTER_COUNT = Bound(lambda v: v == 0 or v >= 2, "0 or at least 2", "0 or an integer >= 2")
+GROUP_SIZE = Bound(lambda v: v == 0 or v >= 2, "0 or at least 2", "0 or an integer >= 2")
 # A JAX key (without 64-bit mode) holds 32 bits of seed: more would collide.
 SEED = Bound(lambda v: 0 <= v < MAX_SEED, "in [0, 2**32)", "an integer >= 0")
 
@@ -215,6 +217,11 @@ class Config:
         "between their noises, over pairs of the batch's halves; it keeps G from drawing one "
         "style per class (0: none; fast takes 0.1 with --conditional)",
         bound=NON_NEGATIVE_FINITE)
+    minibatch_std: int | None = arch_setting(
+        "minibatch_std", "give D a feature of how much its batch varies: the standard "
+        "deviation over each group of this many consecutive digits, averaged over D's last "
+        "features and appended to them (Karras et al., 2018), so that D can tell a batch of "
+        "too alike fakes (0: none)", bound=GROUP_SIZE, role="model")
     ema_decay: float = setting(0.999, "decay of the moving average of G's weights that sampling "
                                "uses (0: no averaging)", bound=UNIT_INTERVAL)
     latent_dim: int = setting(100, "size of the generator's noise input", bound=POSITIVE,
@@ -270,6 +277,9 @@ class Config:
         if self.mode_seeking and self.batch_size % 2:  # Fakes are drawn in pairs.
             raise ConfigError("batch_size", f"must be even with --mode-seeking, got "
                               f"{self.batch_size}")
+        if self.minibatch_std and self.batch_size % self.minibatch_std:
+            raise ConfigError("batch_size", f"must be a multiple of --minibatch-std "
+                              f"({self.minibatch_std}), got {self.batch_size}")
         if self.clusters and self.latent_dim < 2:  # The noise's first entry draws the cluster.
             raise ConfigError("latent_dim", f"must be at least 2 with --clusters, got "
                               f"{self.latent_dim}")
@@ -341,7 +351,7 @@ def field_types() -> dict[str, type]:
 SETTINGS_BEFORE_THEIR_FIELDS = {"d_lr_scale": 1.0, "loss": "bce", "r1_gamma": 0.0,
                                 "r1_every": 4, "d_dropout": 0.3, "translate": 0,
                                 "mode_seeking": 0.0, "clusters": 0, "lr_half_life": 0,
-                                "cluster_features": "pixels"}
+                                "cluster_features": "pixels", "minibatch_std": 0}
 
 
 @dataclasses.dataclass(frozen=True)

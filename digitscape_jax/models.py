@@ -82,18 +82,38 @@ class Generator(nn.Module):
         return jnp.tanh(ConvTranspose(IMAGE_SHAPE[-1], strides=2, dtype=dtype)(x))
 
 
+def minibatch_std(x: jax.Array, group_size: int) -> jax.Array:
+    """`x` (N, H, W, C) with one more channel: the standard deviation of each feature over
+    each group of `group_size` consecutive samples (all of them, where N is smaller),
+    averaged over the features, the same for every sample of the group.
+
+    Groups are consecutive, not strided as in ProGAN: a fake batch drawn in mode-seeking
+    pairs repeats its first half's classes in its second, so a strided group would hold a
+    same-class pair that a real batch's groups do not.
+    """
+    n, height, width, _ = x.shape
+    group_size = min(group_size, n)
+    groups = x.astype(jnp.float32).reshape(n // group_size, group_size, -1)
+    spread = jnp.sqrt(jnp.var(groups, axis=1) + 1e-8).mean(axis=-1)
+    channel = jnp.broadcast_to(jnp.repeat(spread, group_size)[:, None, None, None],
+                               (n, height, width, 1))
+    return jnp.concatenate([x, channel.astype(x.dtype)], axis=-1)
+
+
 class Discriminator(nn.Module):
     """Images (N, 28, 28, 1) -> real/fake logits (N, 1), float32 whatever the compute dtype.
 
     With `num_classes`, a projection discriminator (Miyato & Koyama, 2018): the
     logit adds the inner product of the features with an embedding of `labels`.
-    `dropout_rate` 0 leaves dropout out.
+    `dropout_rate` 0 leaves dropout out; `std_group_size` adds the minibatch
+    standard deviation to the last convolution's features (0: not).
     """
 
     spec: ArchSpec
     dtype: Any = jnp.float32
     num_classes: int = 0
     dropout_rate: float = 0.3  # Keras Digitscape's
+    std_group_size: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool, labels: jax.Array | None = None) -> jax.Array:
@@ -102,6 +122,8 @@ class Discriminator(nn.Module):
             x = leaky_relu(x)
             if self.dropout_rate:
                 x = Dropout(self.dropout_rate)(x, deterministic=not train)
+        if self.std_group_size:
+            x = minibatch_std(x, self.std_group_size)
         x = x.reshape(x.shape[0], -1)
         logits = nn.Dense(1, kernel_init=glorot_uniform, dtype=self.dtype)(x).astype(jnp.float32)
         if self.num_classes:
@@ -115,4 +137,4 @@ def networks(config: Config, dtype: Any = jnp.float32) -> tuple[Generator, Discr
     computing in `dtype`."""
     classes = config.label_count
     return (Generator(config.spec, dtype, classes, draws_labels=config.clusters > 0),
-            Discriminator(config.spec, dtype, classes, config.d_dropout))
+            Discriminator(config.spec, dtype, classes, config.d_dropout, config.minibatch_std))

@@ -1,5 +1,5 @@
 """The recipe's terms against plain-JAX references: hinge, R1 (lazy), translation, TTUR, mode
-seeking."""
+seeking, the minibatch standard deviation."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import optax
 import pytest
 
 from digitscape_jax import clusters
-from digitscape_jax.config import ARCHS, SETTINGS_BEFORE_THEIR_FIELDS, Config
+from digitscape_jax.config import ARCHS, SETTINGS_BEFORE_THEIR_FIELDS, Config, ConfigError
 from digitscape_jax.losses import (discriminator_loss, generator_loss, mode_seeking_loss,
                                    r1_penalty, translate)
-from digitscape_jax.models import sample_noise
+from digitscape_jax.models import minibatch_std, networks, sample_noise
 from digitscape_jax.steps import create_states, jit_train_step
 
 
@@ -137,6 +137,45 @@ def test_the_update_adds_the_mode_seeking_gradient_to_gs(real_batch):
     assert float(seeking) > 0
 
 
+def test_the_minibatch_std_channel_is_its_formula():
+    """One channel appended, the same over each group of consecutive samples and each pixel: the
+    mean over the features of their standard deviation within the group."""
+    x = np.random.default_rng(0).normal(size=(8, 3, 3, 5)).astype(np.float32)
+    out = np.asarray(jax.jit(minibatch_std, static_argnums=1)(jnp.asarray(x), 4))
+    assert out.shape == (8, 3, 3, 6)
+    np.testing.assert_array_equal(out[..., :5], x)
+    for group in range(2):
+        members = x[4 * group:4 * group + 4]
+        expected = np.mean(np.sqrt(members.var(axis=0) + 1e-8))
+        np.testing.assert_allclose(out[4 * group:4 * group + 4, :, :, 5], expected, rtol=1e-5)
+    # Fewer samples than a group: they are one group.
+    np.testing.assert_allclose(np.asarray(minibatch_std(jnp.asarray(x[:2]), 4))[:, 0, 0, 5],
+                               np.mean(np.sqrt(x[:2].var(axis=0) + 1e-8)), rtol=1e-5)
+
+
+def test_with_minibatch_std_a_digits_logit_depends_on_its_group_alone(real_batch):
+    """D scores each digit with its group of four: changing the last digit changes the logits
+    of its group, not those of the groups before it; without the feature, nothing else."""
+    images = jnp.asarray(real_batch[:8])
+    changed = images.at[7].set(-images[7])
+    for group_size, moved in ((4, [4, 5, 6, 7]), (0, [7])):
+        config = Config(arch="seed", d_dropout=0.0, minibatch_std=group_size)
+        _, discriminator = networks(config)
+        params = discriminator.init(jax.random.key(0), images, train=False)
+        logits = [discriminator.apply(params, batch, train=False)[:, 0]
+                  for batch in (images, changed)]
+        assert list(np.flatnonzero(np.asarray(logits[0] != logits[1]))) == moved
+
+
+def test_minibatch_std_is_checked_against_the_batch():
+    assert Config(minibatch_std=4).minibatch_std == 4
+    with pytest.raises(ConfigError, match="minibatch_std must be 0 or at least 2, got 1"):
+        Config(minibatch_std=1)
+    with pytest.raises(ConfigError, match=r"batch_size must be a multiple of --minibatch-std "
+                       r"\(3\), got 64"):
+        Config(minibatch_std=3)
+
+
 def test_d_sees_both_halves_translated_with_their_own_shifts(real_batch):
     """D's mean outputs in the step are those of the real batch and of G's fakes, each
     shifted by translate() with the step's own keys (apart from the noise's and dropout's)."""
@@ -235,12 +274,13 @@ def test_a_checkpoint_config_from_before_the_recipe_fields_reads_as_its_old_reci
     assert Config.from_json(config.to_json()) == config
 
 
+@pytest.mark.slow
 def test_the_regularised_recipe_trains(real_batch):
     """A short run with every lever on, self-conditioned on clusters of the batch: finite, and
     D learns to tell real from fake."""
     config = Config(arch="seed", loss="hinge", r1_gamma=1.0, r1_every=2, translate=2,
                     d_dropout=0.0, d_lr_scale=2.0, learning_rate=1e-3, beta2=0.99, clusters=4,
-                    mode_seeking=0.5)
+                    mode_seeking=0.5, minibatch_std=4)
     pixels = np.round((real_batch + 1.0) * 127.5).astype(np.uint8)
     batch_clusters, frequencies = clusters.kmeans(pixels, 4, "pixels")
     g_state, d_state = create_states(config, jax.random.key(0), frequencies)
