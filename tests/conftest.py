@@ -24,6 +24,16 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
     else tempfile.mkdtemp(prefix="digitscape-xla-"))
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Long tests (marked `slow`) first, then the other users of `trained_run`, each in file
+    order. pytest-xdist's work stealing gives one worker the first half and the other the
+    second, so the second starts on tests that need no `trained_run` while the first builds
+    it, and at the end the workers steal short tests from each other, where a long test
+    started last would keep one busy while the other idled."""
+    items.sort(key=lambda item: (item.get_closest_marker("slow") is None,
+                                 "trained_run" not in item.fixturenames))
+
+
 @pytest.fixture(scope="session")
 def mnist_idx() -> Path:
     """The four real MNIST IDX files. They are required: these tests never skip."""

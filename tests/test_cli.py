@@ -24,6 +24,7 @@ def grid_size(rows: int, cols: int) -> tuple[int, int]:
     return cols * (28 + GRID_PAD) - GRID_PAD, rows * (28 + GRID_PAD) - GRID_PAD
 
 
+@pytest.mark.slow
 def test_train_writes_every_output(trained_run):
     workdir, result = trained_run
     ckpt = workdir / "ckpt"

@@ -6,6 +6,7 @@ import base64
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 from digitscape_jax.checkpointing import Checkpointer
@@ -39,6 +40,7 @@ def test_the_committed_notebook_is_clean_and_parameterised():
         assert name in parameters[0].source
 
 
+@pytest.mark.slow
 def test_the_notebook_trains_and_shows_its_pictures(tmp_path, mnist_idx, trained_run):
     notebook = read_notebook()
     workdir, ckpt = tmp_path / "work", tmp_path / "drive" / "ckpt"

@@ -76,6 +76,7 @@ def one_device_run(tmp_path_factory, trained_run) -> tuple[Path, Path]:
     return built_once(tmp_path_factory, "one_device_run", build) / "ckpt", data_dir
 
 
+@pytest.mark.slow
 def test_eight_devices_match_one(tmp_path, one_device_run):
     """With the batches gathered on the 8 devices from their copy of the split, too: the
     reference streams them from the host."""
@@ -101,6 +102,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_one_model(tmp_path, one_device_run):
     """Two train.py processes on localhost, joined by jax.distributed over gloo.
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import pytest
 
 from conftest import run_script
 from digitscape_jax.config import Config
@@ -13,6 +14,7 @@ from digitscape_jax.schedule import call_plan
 from test_steps import state_trees
 
 
+@pytest.mark.slow
 def test_several_steps_per_call_equal_single_steps(real_batch):
     config = Config(arch="seed", conditional=True)  # labels travel through the stack too
     steps = 3  # one compiled call of three updates (a longer unrolled call compiles longer)
@@ -66,6 +68,7 @@ def test_stacked_batches_keep_the_order():
     np.testing.assert_array_equal(groups[3][0][:, 0, 0], [5, 6])
 
 
+@pytest.mark.slow
 def test_a_run_of_several_steps_per_call_and_its_rerun_from_the_compilation_cache(
         tmp_path, trained_run):
     """--steps-per-call 2 still logs, samples and saves at the steps asked for; a rerun loads

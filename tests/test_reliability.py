@@ -70,6 +70,7 @@ def run_dirs(workdir: Path) -> list[str]:
     return ["--ckpt-dir", str(workdir / "ckpt"), "--samples-dir", str(workdir / "generated_images")]
 
 
+@pytest.mark.slow
 def test_sigkill_anywhere_then_rerun_ends_bitwise_where_an_uninterrupted_run_does(
         start_train, trained_run, tmp_path, capsys):
     data_dir = trained_run[0] / "tfds"
@@ -116,6 +117,7 @@ def test_sigkill_anywhere_then_rerun_ends_bitwise_where_an_uninterrupted_run_doe
     assert losses(ckpt) == losses(tmp_path / "reference" / "ckpt")
 
 
+@pytest.mark.slow
 def test_sigterm_and_sigint_stop_after_a_checkpoint_and_a_second_writer_is_refused(
         start_train, trained_run, tmp_path, capsys):
     flags = ["--arch", "seed", "--eval-every", "0", "--steps", "1000000", "--log-every", "1000000",
@@ -267,6 +269,7 @@ def test_all_checkpoints_corrupt_is_an_error_not_a_fresh_start(trained_run, tmp_
     assert Checkpointer(ckpt).all_steps() == [10, 20, 30]
 
 
+@pytest.mark.slow
 def test_divergence_stops_training_and_keeps_the_last_good_checkpoint(trained_run, tmp_path,
                                                                        capsys):
     ckpt = tmp_path / "ckpt"

@@ -108,6 +108,7 @@ def discriminator_accuracy(g_state, d_state, real, key) -> float:
     return float(((real_logits > 0).mean() + (fake_logits < 0).mean()) / 2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_a_few_dozen_steps_teach_d_to_tell_real_from_fake(real_batch, dtype):
     config = Config(arch="seed", batch_size=64, learning_rate=1e-3, dtype=dtype)

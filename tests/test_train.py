@@ -72,6 +72,7 @@ def test_train_writes_every_output_and_resumes_in_process(mock_mnist, tmp_path):
     assert 0 < walls[0] and walls == sorted(walls) and walls[3] > walls[2]
 
 
+@pytest.mark.slow
 def test_a_clustered_run_keeps_its_cluster_prior_and_resumes_bitwise(mock_mnist, tmp_path):
     """--clusters: G's checkpointed prior is the clusters' frequencies in the split, and a run
     stopped and resumed (which clusters the split again) ends where an unstopped one does."""
