@@ -98,13 +98,32 @@ def _lloyd_step(pixels: jax.Array, centroids: jax.Array
     return jnp.where(counts[:, None] > 0, moved, centroids), assignments, counts
 
 
+def kmeans_within_labels(images: np.ndarray, labels: np.ndarray, num_labels: int, k: int,
+                         features: str) -> tuple[np.ndarray, np.ndarray]:
+    """`kmeans` with k clusters within each label: each image's class, label * k + its
+    cluster among its label's images (int32 (N,)), and each label's clusters' shares of
+    that label (float32 (num_labels, k))."""
+    classes = np.zeros(len(images), np.int32)
+    frequencies = np.zeros((num_labels, k), np.float32)
+    for label in range(num_labels):
+        members = np.flatnonzero(labels == label)
+        if len(members) < k:
+            raise UserError(f"--clusters {k} is more than the {len(members)} training images "
+                            f"of label {label}")
+        clusters, frequencies[label] = kmeans(images[members], k, features)
+        classes[members] = label * k + clusters
+    return classes, frequencies
+
+
 def cluster_bounds(frequencies: jax.Array, noise: NoiseKind) -> jax.Array:
     """The k - 1 values of the noise's first entry that split its prior into the clusters'
-    frequencies: cluster c is drawn where it lies between bounds c - 1 and c."""
-    cumulative = jnp.clip(jnp.cumsum(frequencies)[:-1], 0.0, 1.0)
+    frequencies (the last axis; one row of bounds per row of frequencies): cluster c is
+    drawn where it lies between bounds c - 1 and c."""
+    cumulative = jnp.clip(jnp.cumsum(frequencies, axis=-1)[..., :-1], 0.0, 1.0)
     return cumulative if noise == "uniform" else jax.scipy.special.ndtri(cumulative)
 
 
 def draw_clusters(first_noise: jax.Array, bounds: jax.Array) -> jax.Array:
-    """The cluster (int32) that each noise's first entry falls in, between `bounds`."""
-    return jnp.sum(first_noise[:, None] > bounds[None, :], axis=1, dtype=jnp.int32)
+    """The cluster (int32) that each noise's first entry falls in, between `bounds`: one
+    row (k - 1,) for all, or a row per noise (N, k - 1)."""
+    return jnp.sum(first_noise[:, None] > bounds, axis=1, dtype=jnp.int32)

@@ -177,9 +177,10 @@ class Config:
                                 "onto its features", role="model")
     clusters: int | None = arch_setting(
         "clusters", "condition G and D on this many k-means clusters of the training digits "
-        "(--cluster-features), found without labels, G drawing the cluster from its noise (a self-conditioned "
-        "GAN; 0: none; --conditional uses the labels instead)", bound=CLUSTER_COUNT,
-        role="model")
+        "(--cluster-features), found without labels, G drawing the cluster from its noise (a "
+        "self-conditioned GAN; 0: none); with --conditional, this many clusters within each "
+        "digit, G drawing one of the asked-for digit's (default 0 there: the labels alone)",
+        bound=CLUSTER_COUNT, role="model")
     cluster_features: str | None = arch_setting(
         "cluster_features", "what --clusters' k-means compares: 'pixels', 2x2-averaged; "
         "'normalised', those centred and scaled to unit length per digit, so that digits "
@@ -256,9 +257,6 @@ class Config:
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise ConfigError("arch", f"unknown arch {self.arch!r}; choose one of {sorted(ARCHS)}")
-        if self.conditional and self.clusters:
-            raise ConfigError("clusters", "cannot be combined with --conditional, which "
-                              "conditions on the labels")
         if self.conditional and self.clusters is None:
             object.__setattr__(self, "clusters", 0)
         if (self.conditional and self.mode_seeking is None
@@ -290,8 +288,11 @@ class Config:
 
     @property
     def label_count(self) -> int:
-        """How many classes G and D are conditioned on: the digits', the clusters', or 0."""
-        return NUM_CLASSES if self.conditional else self.clusters
+        """How many classes G and D are conditioned on: the digits', the clusters', the
+        clusters within the digits', or 0."""
+        if self.conditional:
+            return NUM_CLASSES * max(self.clusters, 1)
+        return self.clusters
 
     @staticmethod
     def fields_with(role: Role) -> tuple[str, ...]:

@@ -48,31 +48,43 @@ class Generator(nn.Module):
 
     `dtype` is the compute dtype (bfloat16 for mixed precision); params and
     BatchNorm statistics are float32 either way. With `num_classes`, it draws
-    the class `labels` asks for: a learned label embedding joins the noise.
+    the class `labels` asks for: a learned embedding of the class joins the noise.
     With `draws_labels` too (self-conditioning, `clusters.py`), the classes are
     clusters, and where no `labels` are given the noise's first entry picks one
     by the clusters' frequencies (the "constants" collection); the rest of the
-    noise draws the digit.
+    noise draws the digit. With `clusters_per_label` as well (a conditional G on
+    clusters within each label), `labels` are digits, and the first entry picks
+    one of the digit's clusters, by their frequencies within it. The update
+    passes the classes themselves (`classes`: the real batch's clusters), which
+    the noise then does not pick.
     """
 
     spec: ArchSpec
     dtype: Any = jnp.float32
     num_classes: int = 0
     draws_labels: bool = False
+    clusters_per_label: int = 0
 
     @nn.compact
-    def __call__(self, z: jax.Array, train: bool, labels: jax.Array | None = None) -> jax.Array:
+    def __call__(self, z: jax.Array, train: bool, labels: jax.Array | None = None,
+                 classes: jax.Array | None = None) -> jax.Array:
         c0 = self.spec.g_dense_channels
         c1, c2 = self.spec.g_conv_channels
         dtype = self.dtype
         if self.draws_labels:
             bounds = self.variable("constants", "cluster_bounds", lambda: cluster_bounds(
-                jnp.full(self.num_classes, 1.0 / self.num_classes), self.spec.noise))
-            if labels is None:
-                labels = draw_clusters(z[:, 0], bounds.value)
+                jnp.full(self._cluster_shape(), 1.0 / self._cluster_shape()[-1]), self.spec.noise))
+            if classes is None and self.clusters_per_label:
+                classes = (labels * self.clusters_per_label
+                           + draw_clusters(z[:, 0], jnp.take(bounds.value, labels, axis=0)))
+            elif classes is None:
+                classes = draw_clusters(z[:, 0], bounds.value) if labels is None else labels
             z = z[:, 1:]
+        elif classes is None:
+            classes = labels
         if self.num_classes:
-            z = jnp.concatenate([z, nn.Embed(self.num_classes, LABEL_EMBEDDING)(labels)], axis=-1)
+            z = jnp.concatenate([z, nn.Embed(self.num_classes, LABEL_EMBEDDING)(classes)],
+                                axis=-1)
         x = nn.Dense(SEED_SIZE * SEED_SIZE * c0, use_bias=False, kernel_init=glorot_uniform,
                      dtype=dtype)(z)
         x = leaky_relu(batch_norm(train, dtype)(x))
@@ -80,6 +92,12 @@ class Generator(nn.Module):
         x = leaky_relu(batch_norm(train, dtype)(ConvTranspose(c1, strides=1, dtype=dtype)(x)))
         x = leaky_relu(batch_norm(train, dtype)(ConvTranspose(c2, strides=2, dtype=dtype)(x)))
         return jnp.tanh(ConvTranspose(IMAGE_SHAPE[-1], strides=2, dtype=dtype)(x))
+
+    def _cluster_shape(self) -> tuple[int, ...]:
+        """The shape of the clusters' frequencies: (labels, clusters of each) or (clusters,)."""
+        if self.clusters_per_label:
+            return (self.num_classes // self.clusters_per_label, self.clusters_per_label)
+        return (self.num_classes,)
 
 
 def minibatch_std(x: jax.Array, group_size: int) -> jax.Array:
@@ -136,5 +154,6 @@ def networks(config: Config, dtype: Any = jnp.float32) -> tuple[Generator, Discr
     """G and D of `config`'s arch, conditioned on labels or clusters when it says so,
     computing in `dtype`."""
     classes = config.label_count
-    return (Generator(config.spec, dtype, classes, draws_labels=config.clusters > 0),
+    return (Generator(config.spec, dtype, classes, draws_labels=config.clusters > 0,
+                      clusters_per_label=config.clusters if config.conditional else 0),
             Discriminator(config.spec, dtype, classes, config.d_dropout, config.minibatch_std))

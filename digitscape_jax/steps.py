@@ -121,7 +121,8 @@ def train_step(
     `key` is the run's key; the step's randomness (noise, dropout, translations)
     is folded in from `g_state.step`, so it is a pure function of (seed, step).
     A conditional (or clustered) G draws fakes of the real batch's `labels` (its
-    digits' classes, or clusters), so D sees both halves with the same classes;
+    digits' classes, clusters, or clusters within digits), so D sees both halves
+    with the same classes;
     an unconditional one ignores them. With `config.mode_seeking`, G draws its
     fakes in pairs of one class instead (the first half's labels, twice) and adds
     the mode-seeking term over the pairs to its loss.
@@ -149,7 +150,7 @@ def train_step(
 
     def generate(g_params):
         fake, updates = g_state.apply_fn(g_state.with_params(g_params), noise, train=True,
-                                         labels=fake_labels, mutable=["batch_stats"])
+                                         classes=fake_labels, mutable=["batch_stats"])
         return fake, updates["batch_stats"]
 
     def discriminate(d_params, batch, labels, dropout_key):

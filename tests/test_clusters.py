@@ -1,5 +1,6 @@
-"""Self-conditioning (--clusters): k-means on pixels or shapes, the cluster prior in G's noise,
-and checkpoints from before G had constants or a choice of cluster features."""
+"""Self-conditioning (--clusters): k-means on pixels or shapes, within labels too, the cluster
+prior in G's noise, and checkpoints from before G had constants or a choice of cluster
+features."""
 
 from __future__ import annotations
 
@@ -45,6 +46,29 @@ def test_kmeans_finds_separated_groups_and_their_shares_deterministically():
     np.testing.assert_array_equal(again, assignments)
     with pytest.raises(UserError, match="--clusters 201 is more than the 200 training images"):
         clusters.kmeans(images, 201, "pixels")
+
+
+def test_kmeans_within_labels_clusters_each_labels_images_apart():
+    """Each image's class is its label times k plus its cluster among its label's images; each
+    row of frequencies is a label's clusters' shares of that label."""
+    images, groups = groups_of_images([30, 10, 40, 20])
+    labels = groups // 2  # label 0: groups 0 and 1; label 1: groups 2 and 3
+    classes, frequencies = clusters.kmeans_within_labels(images, labels, 2, 2, "pixels")
+    assert classes.dtype == np.int32 and frequencies.shape == (2, 2)
+    np.testing.assert_array_equal(classes // 2, labels)
+    for label, sizes in ((0, [30, 10]), (1, [40, 20])):
+        members = labels == label
+        alone, shares = clusters.kmeans(images[members], 2, "pixels")
+        np.testing.assert_array_equal(classes[members], 2 * label + alone)
+        np.testing.assert_allclose(frequencies[label], shares)
+        by_group = dict(zip(groups[members].tolist(), alone.tolist()))
+        np.testing.assert_allclose(sorted(frequencies[label]), sorted(np.array(sizes) / sum(sizes)),
+                                   atol=1e-6)
+        assert len(set(by_group.values())) == 2  # a cluster per group
+    with pytest.raises(UserError, match="--clusters 11 is more than the 10 training images "
+                       "of label 0"):
+        clusters.kmeans_within_labels(images[groups != 0], labels[groups != 0], 2, 11,
+                                      "pixels")
 
 
 def test_normalised_features_group_digits_by_shape_not_by_ink():
@@ -107,6 +131,33 @@ def test_a_clustered_generator_draws_its_cluster_from_the_first_noise_entry(real
     assert float(jnp.abs(draw(noise, (picked + 1) % 3) - draw(noise, picked)).max()) > 1e-3
 
 
+def test_a_conditional_clustered_generator_draws_a_cluster_of_the_digit_asked_for():
+    """With --conditional --clusters k, G's classes are k clusters within each digit: given a
+    digit, its noise's first entry picks one of that digit's clusters by their frequencies
+    within it, and the update passes the class itself."""
+    config = Config(arch="seed", conditional=True, clusters=3)
+    frequencies = np.tile([0.2, 0.3, 0.5], (10, 1)).astype(np.float32)
+    frequencies[7] = [0.0, 0.5, 0.5]
+    g_state, _ = create_states(config, jax.random.key(0), frequencies)
+    bounds = g_state.constants["cluster_bounds"]
+    assert bounds.shape == (10, 2)
+    np.testing.assert_allclose(bounds[7], [0.0, 0.5], atol=1e-6)
+    generator, discriminator = networks(config)
+    assert (generator.num_classes, discriminator.num_classes) == (30, 30)
+    noise = sample_noise(jax.random.key(1), "uniform", (64, 100))
+    digits = jnp.arange(64) % 10
+    classes = 3 * digits + clusters.draw_clusters(noise[:, 0], bounds[digits])
+    np.testing.assert_array_equal(classes // 3, digits)
+    assert set(np.asarray(classes[digits == 7]).tolist()) == {22, 23}  # 7's cluster 0 is empty
+
+    def draw(noise, **kwargs):
+        return generator.apply(g_state.variables, noise, train=False, **kwargs)
+
+    np.testing.assert_array_equal(draw(noise, labels=digits), draw(noise, classes=classes))
+    assert float(jnp.abs(draw(noise, classes=(classes + 1) % 30)
+                         - draw(noise, classes=classes)).max()) > 1e-3
+
+
 def test_clusters_are_the_arch_s_unless_the_model_is_conditional():
     assert Config(arch="seed").clusters == 0
     assert (Config().cluster_features, Config(arch="seed").cluster_features) == (
@@ -117,8 +168,7 @@ def test_clusters_are_the_arch_s_unless_the_model_is_conditional():
     assert Config(arch="seed", conditional=True).label_count == 10
     for name in ("seed", "dcgan", "small"):
         assert Config(arch=name, conditional=True).clusters == 0
-    with pytest.raises(ConfigError, match="cannot be combined with --conditional"):
-        Config(arch="seed", conditional=True, clusters=8)
+    assert Config(arch="seed", conditional=True, clusters=8).label_count == 80
     with pytest.raises(ConfigError, match="must be 0 or at least 2, got 1"):
         Config(arch="seed", clusters=1)
     with pytest.raises(ConfigError, match="latent_dim must be at least 2 with --clusters, got 1"):

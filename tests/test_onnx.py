@@ -26,7 +26,8 @@ def checkpoint(directory: Path, conditional: bool, clusters: int = 0
     BatchNorm statistics far from their initial (0, 1), so that each one shows in the output
     (and, with clusters, unequal cluster frequencies); returns its config and G's state."""
     config = Config(arch="seed", conditional=conditional, clusters=clusters)
-    frequencies = np.linspace(1.0, 2.0, clusters) / np.linspace(1.0, 2.0, clusters).sum()
+    shares = np.linspace(1.0, 2.0, clusters) / np.linspace(1.0, 2.0, clusters).sum()
+    frequencies = np.tile(shares, (10, 1)) if conditional else shares  # within each digit
     g_state, d_state = create_states(config, jax.random.key(0), frequencies if clusters else None)
     leaves, tree = jax.tree.flatten(g_state.batch_stats)
     keys = jax.random.split(jax.random.key(1), len(leaves))
@@ -38,8 +39,10 @@ def checkpoint(directory: Path, conditional: bool, clusters: int = 0
 
 
 @pytest.mark.parametrize("conditional, clusters, raw",
-                         [(False, 0, False), (True, 0, True), (False, 5, False)],
-                         ids=["unconditional-ema", "conditional-raw", "clustered-ema"])
+                         [(False, 0, False), (True, 0, True), (False, 5, False),
+                          (True, 3, False)],
+                         ids=["unconditional-ema", "conditional-raw", "clustered-ema",
+                              "conditional-clustered-ema"])
 def test_onnx_export_matches_the_jax_generator(tmp_path, conditional, clusters, raw):
     import onnxruntime
 
