@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from digitscape_jax.config import NoiseKind
+from digitscape_jax.config import NUM_CLASSES, Config, NoiseKind
 from digitscape_jax.errors import UserError
 
 # Not bfloat16 (TPU) or TF32 (GPU): distances of 10-40 need float32's digits to assign points.
@@ -96,6 +96,19 @@ def _lloyd_step(pixels: jax.Array, centroids: jax.Array
     moved = (jnp.matmul(members.T, pixels, precision=HIGHEST)  # a matmul: fast on CPU
              / jnp.maximum(counts, 1.0)[:, None])
     return jnp.where(counts[:, None] > 0, moved, centroids), assignments, counts
+
+
+def training_classes(config: Config, images: np.ndarray, labels: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray | None]:
+    """What G and D are conditioned on for each training image, and the frequencies that G
+    draws them by: the clusters (`--clusters`), the clusters within each label
+    (`--conditional --clusters`), or the labels as they are (frequencies None)."""
+    if config.clusters and config.conditional:
+        return kmeans_within_labels(images, labels, NUM_CLASSES, config.clusters,
+                                    config.cluster_features)
+    if config.clusters:
+        return kmeans(images, config.clusters, config.cluster_features)
+    return labels, None
 
 
 def kmeans_within_labels(images: np.ndarray, labels: np.ndarray, num_labels: int, k: int,

@@ -24,7 +24,7 @@ import numpy as np
 
 from digitscape_jax import cli, clusters, data, parallel
 from digitscape_jax.checkpointing import Checkpointer, RunLock
-from digitscape_jax.config import NUM_CLASSES, Config
+from digitscape_jax.config import Config
 from digitscape_jax.errors import TrainingDiverged
 from digitscape_jax.evaluator import Evaluator, during_training
 from digitscape_jax.metrics import format_metrics
@@ -82,12 +82,7 @@ def _train(config: Config, paths: RunPaths, stream: TextIO, warn: Callable[[str]
         warn(f"warning: set the unreadable checkpoint aside as {moved}")
 
     images, labels, evaluator = _load_data(config, paths)
-    frequencies = None
-    if config.clusters and config.conditional:  # Classes within the labels.
-        labels, frequencies = clusters.kmeans_within_labels(
-            images, labels, NUM_CLASSES, config.clusters, config.cluster_features)
-    elif config.clusters:  # The clusters stand in for the labels.
-        labels, frequencies = clusters.kmeans(images, config.clusters, config.cluster_features)
+    labels, frequencies = clusters.training_classes(config, images, labels)
     keys = RunKeys.of(config.seed)
     outputs = RunOutputs(config, paths, keys.sample, replicated)
     progress = Progress(start, config.steps, stream)

@@ -71,6 +71,23 @@ def test_kmeans_within_labels_clusters_each_labels_images_apart():
                                       "pixels")
 
 
+def test_training_classes_are_the_clusters_the_clusters_within_labels_or_the_labels():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (40, 28, 28, 1)).astype(np.uint8)
+    labels = np.arange(40) % 10
+    for config, expected in (
+            (Config(arch="seed", clusters=3), clusters.kmeans(images, 3, "pixels")),
+            (Config(arch="seed", conditional=True, clusters=2),
+             clusters.kmeans_within_labels(images, labels, 10, 2, "pixels")),
+            (Config(arch="seed", conditional=True), (labels, None))):
+        classes, frequencies = clusters.training_classes(config, images, labels)
+        np.testing.assert_array_equal(classes, expected[0])
+        if expected[1] is None:
+            assert frequencies is None
+        else:
+            np.testing.assert_array_equal(frequencies, expected[1])
+
+
 def test_normalised_features_group_digits_by_shape_not_by_ink():
     """Two overlapping shapes, each drawn bold and faint: on pixels the ink splits them,
     normalised the shape does. The normalised points are centred and of unit length."""

@@ -73,15 +73,11 @@ def test_train_writes_every_output_and_resumes_in_process(mock_mnist, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("conditional", [False, True], ids=["clusters", "within-labels"])
-def test_a_clustered_run_keeps_its_cluster_prior_and_resumes_bitwise(mock_mnist, tmp_path,
-                                                                      conditional):
-    """--clusters: G's checkpointed prior is the clusters' frequencies in the split (within
-    each label's images, with --conditional), and a run stopped and resumed (which clusters
-    the split again) ends where an unstopped one does."""
+def test_a_clustered_run_keeps_its_cluster_prior_and_resumes_bitwise(mock_mnist, tmp_path):
+    """--clusters: G's checkpointed prior is the clusters' frequencies in the split, and a run
+    stopped and resumed (which clusters the split again) ends where an unstopped one does."""
     config = Config(arch="seed", clusters=4, cluster_features="normalised", batch_size=16,
-                    steps=6, log_every=3, ckpt_every=3, sample_every=6, eval_every=0,
-                    conditional=conditional)
+                    steps=6, log_every=3, ckpt_every=3, sample_every=6, eval_every=0)
     whole, halves = run_paths(tmp_path / "whole"), run_paths(tmp_path / "halves")
     trainer.train(config, whole, stream=io.StringIO())
     # A run stopped at step 3 has the unstopped run's checkpoint of step 3 (bit-exact resume
@@ -93,9 +89,8 @@ def test_a_clustered_run_keeps_its_cluster_prior_and_resumes_bitwise(mock_mnist,
     (g_whole, d_whole), (g_halves, d_halves) = (
         Checkpointer(paths.ckpt_dir).restore(6, abstract) for paths in (whole, halves))
     jax.tree.map(np.testing.assert_array_equal, (g_whole, d_whole), (g_halves, d_halves))
-    images, labels = data.load_split("train", whole.data_dir)
-    _, frequencies = (clusters.kmeans_within_labels(images, labels, 10, 4, "normalised")
-                      if conditional else clusters.kmeans(images, 4, "normalised"))
+    images, _ = data.load_split("train", whole.data_dir)
+    _, frequencies = clusters.kmeans(images, 4, config.cluster_features)
     np.testing.assert_allclose(g_whole.constants["cluster_bounds"],
                                cluster_bounds(frequencies, "uniform"))
 
