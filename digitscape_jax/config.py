@@ -111,8 +111,8 @@ NON_NEGATIVE = Bound(lambda v: v >= 0, ">= 0", "an integer >= 0")
 NON_NEGATIVE_FINITE = Bound(lambda v: 0.0 <= v < math.inf, ">= 0 and finite", "a number >= 0")
 POSITIVE_FINITE = Bound(lambda v: 0.0 < v < math.inf, "positive and finite", "a positive number")
 UNIT_INTERVAL = Bound(lambda v: 0.0 <= v < 1.0, "in [0, 1)", "a number in [0, 1)")
-CLUSTER_COUNT = Bound(lambda v: v == 0 or v >= 2, "0 or at least 2", "0 or an integer >= 2")
-GROUP_SIZE = Bound(lambda v: v == 0 or v >= 2, "0 or at least 2", "0 or an integer >= 2")
+# A count that 0 turns off and 1 would make meaningless (one cluster, a group of one).
+OFF_OR_AT_LEAST_2 = Bound(lambda v: v == 0 or v >= 2, "0 or at least 2", "0 or an integer >= 2")
 # A JAX key (without 64-bit mode) holds 32 bits of seed: more would collide.
 SEED = Bound(lambda v: 0 <= v < MAX_SEED, "in [0, 2**32)", "an integer >= 0")
 
@@ -180,7 +180,7 @@ class Config:
         "(--cluster-features), found without labels, G drawing the cluster from its noise (a "
         "self-conditioned GAN; 0: none); with --conditional, this many clusters within each "
         "digit, G drawing one of the asked-for digit's (default 0 there: the labels alone)",
-        bound=CLUSTER_COUNT, role="model")
+        bound=OFF_OR_AT_LEAST_2, role="model")
     cluster_features: str | None = arch_setting(
         "cluster_features", "what --clusters' k-means compares: 'pixels', 2x2-averaged; "
         "'normalised', those centred and scaled to unit length per digit, so that digits "
@@ -222,7 +222,7 @@ class Config:
         "minibatch_std", "give D a feature of how much its batch varies: the standard "
         "deviation over each group of this many consecutive digits, averaged over D's last "
         "features and appended to them (Karras et al., 2018), so that D can tell a batch of "
-        "too alike fakes (0: none)", bound=GROUP_SIZE, role="model")
+        "too-alike fakes (0: none)", bound=OFF_OR_AT_LEAST_2, role="model")
     ema_decay: float = setting(0.999, "decay of the moving average of G's weights that sampling "
                                "uses (0: no averaging)", bound=UNIT_INTERVAL)
     latent_dim: int = setting(100, "size of the generator's noise input", bound=POSITIVE,
