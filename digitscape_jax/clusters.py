@@ -31,15 +31,17 @@ KMEANS_ITERATIONS = 20
 KMEANS_STREAM = 0x6B6D6561  # "kmea"
 
 
-def kmeans(images: np.ndarray, k: int, features: str) -> tuple[np.ndarray, np.ndarray]:
+def kmeans(images: np.ndarray, k: int, features: str, images_are: str = "training images"
+           ) -> tuple[np.ndarray, np.ndarray]:
     """Each uint8 image's cluster (int32 (N,)) and each cluster's share of the images
     (float32 (k,)), by Lloyd's k-means on `cluster_points(images, features)`, seeded by
     k-means++.
 
     Deterministic and independent of the run's --seed, in full float32 precision on any
-    device: a run that resumes, with any seed, recomputes the same clusters."""
+    device: a run that resumes, with any seed, recomputes the same clusters. Too few images
+    for k is an error that names them as `images_are`."""
     if k > len(images):
-        raise UserError(f"--clusters {k} is more than the {len(images)} training images")
+        raise UserError(f"--clusters {k} is more than the {len(images)} {images_are}")
     pixels = cluster_points(images, features)
     centroids = _kmeans_plus_plus(pixels, jax.random.fold_in(jax.random.key(0), KMEANS_STREAM), k)
     for _ in range(KMEANS_ITERATIONS):
@@ -120,10 +122,8 @@ def kmeans_within_labels(images: np.ndarray, labels: np.ndarray, num_labels: int
     frequencies = np.zeros((num_labels, k), np.float32)
     for label in range(num_labels):
         members = np.flatnonzero(labels == label)
-        if len(members) < k:
-            raise UserError(f"--clusters {k} is more than the {len(members)} training images "
-                            f"of label {label}")
-        clusters, frequencies[label] = kmeans(images[members], k, features)
+        clusters, frequencies[label] = kmeans(images[members], k, features,
+                                              f"training images of label {label}")
         classes[members] = label * k + clusters
     return classes, frequencies
 
