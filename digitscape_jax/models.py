@@ -72,8 +72,9 @@ class Generator(nn.Module):
         c1, c2 = self.spec.g_conv_channels
         dtype = self.dtype
         if self.draws_labels:
+            shape = self._cluster_shape()
             bounds = self.variable("constants", "cluster_bounds", lambda: cluster_bounds(
-                jnp.full(self._cluster_shape(), 1.0 / self._cluster_shape()[-1]), self.spec.noise))
+                jnp.full(shape, 1.0 / shape[-1]), self.spec.noise))
             if classes is None and self.clusters_per_label:
                 classes = (labels * self.clusters_per_label
                            + draw_clusters(z[:, 0], jnp.take(bounds.value, labels, axis=0)))
