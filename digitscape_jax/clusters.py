@@ -31,22 +31,26 @@ KMEANS_ITERATIONS = 20
 KMEANS_STREAM = 0x6B6D6561  # "kmea"
 
 
-def kmeans(images: np.ndarray, k: int, features: str, images_are: str = "training images"
-           ) -> tuple[np.ndarray, np.ndarray]:
+def kmeans(images: np.ndarray, k: int, features: str) -> tuple[np.ndarray, np.ndarray]:
     """Each uint8 image's cluster (int32 (N,)) and each cluster's share of the images
     (float32 (k,)), by Lloyd's k-means on `cluster_points(images, features)`, seeded by
     k-means++.
 
     Deterministic and independent of the run's --seed, in full float32 precision on any
-    device: a run that resumes, with any seed, recomputes the same clusters. Too few images
-    for k is an error that names them as `images_are`."""
-    if k > len(images):
-        raise UserError(f"--clusters {k} is more than the {len(images)} {images_are}")
+    device: a run that resumes, with any seed, recomputes the same clusters. Fewer images
+    than k is a user error."""
+    check_cluster_count(k, len(images), "training images")
     pixels = cluster_points(images, features)
     centroids = _kmeans_plus_plus(pixels, jax.random.fold_in(jax.random.key(0), KMEANS_STREAM), k)
     for _ in range(KMEANS_ITERATIONS):
         centroids, assignments, counts = _lloyd_step(pixels, centroids)
     return np.asarray(assignments, np.int32), np.asarray(counts / len(images), np.float32)
+
+
+def check_cluster_count(k: int, count: int, images_are: str) -> None:
+    """Refuses k clusters of fewer than k images, naming them as `images_are`."""
+    if k > count:
+        raise UserError(f"--clusters {k} is more than the {count} {images_are}")
 
 
 def cluster_points(images: np.ndarray, features: str) -> jax.Array:
@@ -117,14 +121,18 @@ def kmeans_within_labels(images: np.ndarray, labels: np.ndarray, num_labels: int
                          features: str) -> tuple[np.ndarray, np.ndarray]:
     """`kmeans` with k clusters within each label: each image's class, label * k + its
     cluster among its label's images (int32 (N,)), and each label's clusters' shares of
-    that label (float32 (num_labels, k))."""
+    that label (float32 (num_labels, k)).
+
+    The label with the fewest images is checked against k before any clustering starts.
+    Each label's image count is a shape of its own, so k-means compiles once per label."""
+    members = [np.flatnonzero(labels == label) for label in range(num_labels)]
+    fewest = min(range(num_labels), key=lambda label: len(members[label]))
+    check_cluster_count(k, len(members[fewest]), f"training images of label {fewest}")
     classes = np.zeros(len(images), np.int32)
     frequencies = np.zeros((num_labels, k), np.float32)
     for label in range(num_labels):
-        members = np.flatnonzero(labels == label)
-        clusters, frequencies[label] = kmeans(images[members], k, features,
-                                              f"training images of label {label}")
-        classes[members] = label * k + clusters
+        clusters, frequencies[label] = kmeans(images[members[label]], k, features)
+        classes[members[label]] = label * k + clusters
     return classes, frequencies
 
 

@@ -173,8 +173,9 @@ class Config:
                         "'small': dcgan at half those widths, batch 64",
                         choices=lambda: sorted(ARCHS), role="model")
     conditional: bool = setting(False, "train on the labels too, so that `sample.py --digit 7` "
-                                "draws 7s: G embeds the label beside the noise, D projects it "
-                                "onto its features", role="model")
+                                "draws 7s: G embeds the label (with --clusters, the digit's "
+                                "cluster) beside the noise, D projects it onto its features",
+                                role="model")
     clusters: int | None = arch_setting(
         "clusters", "condition G and D on this many k-means clusters of the training digits "
         "(--cluster-features), found without labels, G drawing the cluster from its noise (a "

@@ -112,6 +112,8 @@ def minibatch_std(x: jax.Array, group_size: int) -> jax.Array:
     """
     n, height, width, _ = x.shape
     group_size = min(group_size, n)
+    if n % group_size:
+        raise ValueError(f"a batch of {n} does not split into groups of {group_size}")
     groups = x.astype(jnp.float32).reshape(n // group_size, group_size, -1)
     spread = jnp.sqrt(jnp.var(groups, axis=1) + 1e-8).mean(axis=-1)
     channel = jnp.broadcast_to(jnp.repeat(spread, group_size)[:, None, None, None],

@@ -4,6 +4,8 @@ features."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,7 +50,7 @@ def test_kmeans_finds_separated_groups_and_their_shares_deterministically():
         clusters.kmeans(images, 201, "pixels")
 
 
-def test_kmeans_within_labels_clusters_each_labels_images_apart():
+def test_kmeans_within_labels_clusters_each_labels_images_apart(monkeypatch):
     """Each image's class is its label times k plus its cluster among its label's images; each
     row of frequencies is a label's clusters' shares of that label."""
     images, groups = groups_of_images([30, 10, 40, 20])
@@ -61,13 +63,17 @@ def test_kmeans_within_labels_clusters_each_labels_images_apart():
         alone, shares = clusters.kmeans(images[members], 2, "pixels")
         np.testing.assert_array_equal(classes[members], 2 * label + alone)
         np.testing.assert_allclose(frequencies[label], shares)
-        by_group = dict(zip(groups[members].tolist(), alone.tolist()))
         np.testing.assert_allclose(sorted(frequencies[label]), sorted(np.array(sizes) / sum(sizes)),
                                    atol=1e-6)
-        assert len(set(by_group.values())) == 2  # a cluster per group
-    with pytest.raises(UserError, match="--clusters 11 is more than the 10 training images "
-                       "of label 0"):
-        clusters.kmeans_within_labels(images[groups != 0], labels[groups != 0], 2, 11,
+        group_clusters = [set(alone[groups[members] == group].tolist())
+                          for group in (2 * label, 2 * label + 1)]
+        assert [len(c) for c in group_clusters] == [1, 1]  # each group's images share a cluster
+        assert group_clusters[0] != group_clusters[1]  # and the two groups' clusters differ
+    # The label with the fewest images (1: 20 without group 2) is refused before any k-means.
+    monkeypatch.setattr(clusters, "kmeans", lambda *args: pytest.fail("k-means ran"))
+    with pytest.raises(UserError, match="--clusters 21 is more than the 20 training images "
+                       "of label 1"):
+        clusters.kmeans_within_labels(images[groups != 2], labels[groups != 2], 2, 21,
                                       "pixels")
 
 
@@ -77,8 +83,10 @@ def test_training_classes_are_the_clusters_the_clusters_within_labels_or_the_lab
     labels = np.arange(40) % 10
     for config, expected in (
             (Config(arch="seed", clusters=3), clusters.kmeans(images, 3, "pixels")),
-            (Config(arch="seed", conditional=True, clusters=2),
-             clusters.kmeans_within_labels(images, labels, 10, 2, "pixels")),
+            (Config(arch="seed", clusters=3, cluster_features="normalised"),
+             clusters.kmeans(images, 3, "normalised")),
+            (Config(arch="seed", conditional=True, clusters=2, cluster_features="normalised"),
+             clusters.kmeans_within_labels(images, labels, 10, 2, "normalised")),
             (Config(arch="seed", conditional=True), (labels, None))):
         classes, frequencies = clusters.training_classes(config, images, labels)
         np.testing.assert_array_equal(classes, expected[0])
@@ -173,6 +181,26 @@ def test_a_conditional_clustered_generator_draws_a_cluster_of_the_digit_asked_fo
     np.testing.assert_array_equal(draw(noise, labels=digits), draw(noise, classes=classes))
     assert float(jnp.abs(draw(noise, classes=(classes + 1) % 30)
                          - draw(noise, classes=classes)).max()) > 1e-3
+
+
+def test_a_conditional_clustered_update_conditions_both_networks_on_the_classes(real_batch):
+    """The update of --conditional --clusters takes each real digit's class (digit * k + its
+    cluster), with mode seeking's pairs too: another cluster of the same digits changes
+    both losses and G's new params."""
+    config = Config(arch="seed", conditional=True, clusters=3, mode_seeking=0.5)
+    g_state, d_state = create_states(config, jax.random.key(0),
+                                     np.full((10, 3), 1 / 3, np.float32))
+    step = jax.jit(functools.partial(train_step, config=config))
+    digits = jnp.arange(64) % 10
+    runs = [step(g_state, d_state, real_batch, jax.random.key(1), 3 * digits + cluster)
+            for cluster in (0, 1)]
+    for _, _, metrics in runs:
+        assert all(np.isfinite(float(value)) for value in metrics.values())
+    (g_first, _, first), (g_second, _, second) = runs
+    assert float(first["d_loss"]) != float(second["d_loss"])
+    assert float(first["g_loss"]) != float(second["g_loss"])
+    assert not np.array_equal(g_first.params["Dense_0"]["kernel"],
+                              g_second.params["Dense_0"]["kernel"])
 
 
 def test_clusters_are_the_arch_s_unless_the_model_is_conditional():

@@ -27,7 +27,8 @@ def checkpoint(directory: Path, conditional: bool, clusters: int = 0
     (and, with clusters, unequal cluster frequencies); returns its config and G's state."""
     config = Config(arch="seed", conditional=conditional, clusters=clusters)
     shares = np.linspace(1.0, 2.0, clusters) / np.linspace(1.0, 2.0, clusters).sum()
-    frequencies = np.tile(shares, (10, 1)) if conditional else shares  # within each digit
+    # Within each digit: a row of its own, so that a digit read from another's row shows.
+    frequencies = np.stack([np.roll(shares, d) for d in range(10)]) if conditional else shares
     g_state, d_state = create_states(config, jax.random.key(0), frequencies if clusters else None)
     leaves, tree = jax.tree.flatten(g_state.batch_stats)
     keys = jax.random.split(jax.random.key(1), len(leaves))
