@@ -150,7 +150,8 @@ class Demo {
     this.context = canvas.getContext("2d");
   }
 
-  /** The noise the grid draws now: the walk's point (or the base), moved by the sliders. */
+  /** The noise the grid draws now: the walk's point (or the base), moved by the sliders,
+   * each digit keeping the base's cluster where the model has clusters. */
   noise() {
     const { latent_dim: latentDim, noise: kind } = this.info;
     const walk = this.walk;
@@ -163,7 +164,11 @@ class Demo {
         noise[i] += offset * scale * this.directions[k][i % latentDim];
       }
     });
-    return noise;
+    return this.keepingClusters(noise);
+  }
+
+  keepingClusters(noise) {
+    return this.info.clusters ? keepClusters(noise, this.base, this.info.latent_dim) : noise;
   }
 
   labels() {
@@ -237,7 +242,8 @@ class Demo {
   toggleWalk() {
     if (this.walk) {
       const { from, to, frame } = this.walk;
-      this.base = interpolate(this.info.noise, from, to, frame / WALK_FRAMES, this.info.latent_dim);
+      this.base = this.keepingClusters(
+        interpolate(this.info.noise, from, to, frame / WALK_FRAMES, this.info.latent_dim));
       this.walk = null;
       cancelAnimationFrame(this.nextFrame);
       this.nextFrame = 0;

@@ -31,3 +31,11 @@ function drawNoise(random, kind, count) {
   }
   return out;
 }
+
+/** `noise` with each digit's first value taken from `base`: a self-conditioned model's first
+ * noise value picks the digit's cluster (its kind of digit), which walks and sliders keep. */
+function keepClusters(noise, base, latentDim) {
+  const out = noise.slice();
+  for (let start = 0; start < out.length; start += latentDim) out[start] = base[start];
+  return out;
+}

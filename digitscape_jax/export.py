@@ -113,9 +113,11 @@ ONNX_INSTALL = ("pip install onnx onnx-ir onnxruntime && "
 
 
 def onnx_description(config: Config, step: int) -> dict[str, Any]:
-    """What `save_onnx` writes beside the model: how to feed it, and which run it comes from."""
+    """What `save_onnx` writes beside the model: how to feed it (with `clusters`, the noise's
+    first entry picks a cluster), and which run it comes from."""
     return {"format": "digitscape-onnx", "arch": config.arch, "conditional": config.conditional,
-            "latent_dim": config.latent_dim, "noise": config.spec.noise, "step": step}
+            "clusters": config.clusters, "latent_dim": config.latent_dim,
+            "noise": config.spec.noise, "step": step}
 
 
 @contextlib.contextmanager

@@ -16,14 +16,22 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 import pytest
 
 from conftest import REPO
 from demo import browser
 from demo.serve import SHIPPED_MODEL as SHIPPED
+from digitscape_jax import cli
+from digitscape_jax.checkpointing import Checkpointer
+from digitscape_jax.config import Config
+from digitscape_jax.steps import create_states
+
+import sample
 
 ROWS = COLS = 10  # the page's grid (demo/demo.js)
+DIRECTIONS = 3  # its sliders
 SIDE = 28
 GREY_TOLERANCE = 2  # levels of 255, between the page's pixels and ONNX Runtime's in Python
 MIN_PICKED = 0.9  # of the digits drawn after picking one, the classifier reads as that one
@@ -41,15 +49,29 @@ def mulberry32(seed: int) -> Iterator[float]:
         yield ((t ^ (t >> 14)) & MASK) / 2**32
 
 
-def page_noise(seed: int, kind: str, latent_dim: int) -> np.ndarray:
-    """The grid's noise on first drawing at ?seed=seed, (ROWS * COLS, latent_dim) float32,
-    as demo/noise.js draws it: one draw per value for uniform noise, two (Box-Muller) for
-    normal."""
-    count = ROWS * COLS * latent_dim
-    draws = np.fromiter(mulberry32(seed), np.float64, count * (1 if kind == "uniform" else 2))
+def draw_noise(stream: Iterator[float], kind: str, count: int) -> np.ndarray:
+    """demo/noise.js's drawNoise: `count` float32 values from the stream, one draw per value
+    for uniform noise, two (Box-Muller) for normal."""
+    draws = np.fromiter(stream, np.float64, count * (1 if kind == "uniform" else 2))
     if kind == "normal":
         draws = np.sqrt(-2 * np.log(1 - draws[0::2])) * np.cos(2 * np.pi * draws[1::2])
-    return draws.astype(np.float32).reshape(ROWS * COLS, latent_dim)
+    return draws.astype(np.float32)
+
+
+def page_noise(seed: int, kind: str, latent_dim: int) -> np.ndarray:
+    """The grid's noise on first drawing at ?seed=seed, (ROWS * COLS, latent_dim) float32."""
+    return draw_noise(mulberry32(seed), kind, ROWS * COLS * latent_dim).reshape(-1, latent_dim)
+
+
+def page_noise_and_directions(seed: int, kind: str, latent_dim: int
+                              ) -> tuple[np.ndarray, np.ndarray]:
+    """The grid's first noise, and the sliders' unit directions (DIRECTIONS, latent_dim)
+    float32, drawn next from the same stream (demo/README.md)."""
+    stream = mulberry32(seed)
+    noise = draw_noise(stream, kind, ROWS * COLS * latent_dim).reshape(-1, latent_dim)
+    directions = draw_noise(stream, "normal", DIRECTIONS * latent_dim).reshape(-1, latent_dim)
+    norms = np.sqrt(np.sum(directions.astype(np.float64) ** 2, axis=1, keepdims=True))
+    return noise, (directions / norms).astype(np.float32)
 
 
 def expected_digits(model: Path, noise: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
@@ -164,6 +186,49 @@ def test_new_digits_the_walk_and_the_sliders_redraw(shipped_page):
     browser.wait_for_renders(shipped_page, start + 3)  # the walk redraws on its own
     shipped_page.click("#walk")
     assert shipped_page.locator("#walk").get_attribute("aria-pressed") == "false"
+
+
+@pytest.fixture(scope="module")
+def clustered_model(tmp_path_factory) -> Path:
+    """A self-conditioned `seed` generator on 5 clusters of unequal shares, exported to ONNX
+    with its description; its cluster embedding is scaled up, so that each cluster draws
+    visibly other digits (at initialisation they differ by a grey level)."""
+    config = Config(arch="seed", clusters=5)
+    shares = np.linspace(1.0, 2.0, 5) / np.linspace(1.0, 2.0, 5).sum()
+    g_state, d_state = create_states(config, jax.random.key(0), shares)
+    params = dict(g_state.ema_params)
+    params["Embed_0"] = {"embedding": 50 * params["Embed_0"]["embedding"]}
+    directory = tmp_path_factory.mktemp("clustered")
+    Checkpointer(directory / "ckpt").save(1, g_state.replace(ema_params=params), d_state, config)
+    model = directory / "g.onnx"
+    assert cli.run(sample.main, ["--ckpt", str(directory / "ckpt"),
+                                 "--export-onnx", str(model)]) == 0
+    return model
+
+
+def test_the_sliders_keep_each_digits_cluster(chromium, clustered_model):
+    """A self-conditioned G's first noise value picks the digit's cluster: a slider moves
+    every other value, so each digit keeps its kind and changes its style."""
+    info = json.loads(clustered_model.with_suffix(".json").read_text())
+    assert info["clusters"] == 5 and info["noise"] == "uniform"
+    noise, directions = page_noise_and_directions(SEED, "uniform", info["latent_dim"])
+    slider = int(np.argmax(np.abs(directions[:, 0])))  # the one that moves the first value most
+    moved = (noise + 3 / np.sqrt(12) * directions[slider].astype(np.float64)).astype(np.float32)
+    kept = moved.copy()
+    kept[:, 0] = noise[:, 0]
+    expected = expected_digits(clustered_model, kept, None)
+    # Moved too, the first value would take some digits to other clusters: the check can fail.
+    other_clusters = np.abs(expected_digits(clustered_model, moved, None) - expected)
+    assert np.mean(other_clusters.max(axis=(1, 2)) > 10 * GREY_TOLERANCE) > 0.03
+    with browser.serve(clustered_model) as url:
+        page = chromium.new_page()
+        page.goto(f"{url}?seed={SEED}")
+        browser.wait_for_renders(page, 1)
+        page.fill(f"#direction{slider}", "3")
+        browser.wait_for_renders(page, 2)
+        difference = int(np.abs(canvas_digits(page).astype(int) - expected).max())
+        page.close()
+    assert difference <= GREY_TOLERANCE
 
 
 def error_shown(page: Any) -> str:

@@ -57,7 +57,7 @@ def test_onnx_export_matches_the_jax_generator(tmp_path, conditional, clusters, 
                                  *(["--raw"] if raw else [])]) == 0
     assert json.loads(path.with_suffix(".json").read_text()) == {
         "format": "digitscape-onnx", "arch": "seed", "conditional": conditional,
-        "latent_dim": 100, "noise": "uniform", "step": 1}
+        "clusters": clusters, "latent_dim": 100, "noise": "uniform", "step": 1}
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["noise", "labels"][:1 + conditional]
     assert session.get_inputs()[0].shape == ["N", 100]  # any batch size
