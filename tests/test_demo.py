@@ -60,7 +60,7 @@ def draw_noise(stream: Iterator[float], kind: str, count: int) -> np.ndarray:
 
 def page_noise(seed: int, kind: str, latent_dim: int) -> np.ndarray:
     """The grid's noise on first drawing at ?seed=seed, (ROWS * COLS, latent_dim) float32."""
-    return draw_noise(mulberry32(seed), kind, ROWS * COLS * latent_dim).reshape(-1, latent_dim)
+    return page_noise_and_directions(seed, kind, latent_dim)[0]
 
 
 def page_noise_and_directions(seed: int, kind: str, latent_dim: int
