@@ -207,13 +207,14 @@ def build_jax(arch: str, batch: int, gpu: bool) -> Built:
 
 
 def peer_recipe(arch: str) -> Config:
-    """The arch's recipe, which the tf and torch workers reproduce: R1, translation and the
-    minibatch standard deviation are not written for them, so an arch that uses any is
-    refused rather than timed without."""
+    """The arch's recipe, which the tf and torch workers reproduce: R1, translation, the
+    minibatch standard deviation and spectral normalisation are not written for them, so an
+    arch that uses any is refused rather than timed without."""
     config = Config(arch=arch)
-    if config.r1_gamma or config.translate or config.minibatch_std:
-        raise SystemExit(f"{arch}: the tf and torch peers do not implement R1, translation or "
-                         "the minibatch standard deviation")
+    if (config.r1_gamma or config.translate or config.minibatch_std
+            or config.spectral_norm != "none"):
+        raise SystemExit(f"{arch}: the tf and torch peers do not implement R1, translation, "
+                         "the minibatch standard deviation or spectral normalisation")
     return config
 
 

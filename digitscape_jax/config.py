@@ -22,6 +22,8 @@ NoiseKind = Literal["uniform", "normal"]
 LOSSES = ("bce", "hinge")
 # What self-conditioning's k-means compares (clusters.cluster_points).
 CLUSTER_FEATURES = ("pixels", "normalised")
+# Which of D's layers spectral normalisation divides by their largest singular value.
+SPECTRAL_NORMS = ("none", "convs")
 # Compute dtypes of the forward and backward passes; params, optimizer state,
 # BatchNorm statistics and losses are float32 under either.
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -58,6 +60,7 @@ class ArchSpec:
     cluster_features: str = "pixels"
     lr_half_life: int = 0
     minibatch_std: int = 0
+    spectral_norm: str = "none"
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -224,6 +227,10 @@ class Config:
         "deviation over each group of this many consecutive digits, averaged over D's last "
         "features and appended to them (Karras et al., 2018), so that D can tell a batch of "
         "too-alike fakes (0: none)", bound=OFF_OR_AT_LEAST_2, role="model")
+    spectral_norm: str | None = arch_setting(
+        "spectral_norm", "spectral normalisation in D (Miyato et al., 2018): 'convs' divides "
+        "each of D's convolution kernels by its largest singular value, computed exactly at "
+        "every step; 'none': no normalisation", choices=lambda: list(SPECTRAL_NORMS))
     ema_decay: float = setting(0.999, "decay of the moving average of G's weights that sampling "
                                "uses (0: no averaging)", bound=UNIT_INTERVAL)
     latent_dim: int = setting(100, "size of the generator's noise input", bound=POSITIVE,
@@ -353,7 +360,8 @@ def field_types() -> dict[str, type]:
 SETTINGS_BEFORE_THEIR_FIELDS = {"d_lr_scale": 1.0, "loss": "bce", "r1_gamma": 0.0,
                                 "r1_every": 4, "d_dropout": 0.3, "translate": 0,
                                 "mode_seeking": 0.0, "clusters": 0, "lr_half_life": 0,
-                                "cluster_features": "pixels", "minibatch_std": 0}
+                                "cluster_features": "pixels", "minibatch_std": 0,
+                                "spectral_norm": "none"}
 
 
 @dataclasses.dataclass(frozen=True)

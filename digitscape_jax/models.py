@@ -127,7 +127,8 @@ class Discriminator(nn.Module):
     With `num_classes`, a projection discriminator (Miyato & Koyama, 2018): the
     logit adds the inner product of the features with an embedding of `labels`.
     `dropout_rate` 0 leaves dropout out; `std_group_size` adds the minibatch
-    standard deviation to the last convolution's features (0: not).
+    standard deviation to the last convolution's features (0: not);
+    `spectral_norm` divides each convolution's kernel by its largest singular value.
     """
 
     spec: ArchSpec
@@ -135,11 +136,12 @@ class Discriminator(nn.Module):
     num_classes: int = 0
     dropout_rate: float = 0.3  # Keras Digitscape's
     std_group_size: int = 0
+    spectral_norm: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool, labels: jax.Array | None = None) -> jax.Array:
         for channels in self.spec.d_channels:
-            x = Conv(channels, strides=2, dtype=self.dtype)(x)
+            x = Conv(channels, strides=2, dtype=self.dtype, spectral_norm=self.spectral_norm)(x)
             x = leaky_relu(x)
             if self.dropout_rate:
                 x = Dropout(self.dropout_rate)(x, deterministic=not train)
@@ -159,4 +161,5 @@ def networks(config: Config, dtype: Any = jnp.float32) -> tuple[Generator, Discr
     classes = config.label_count
     return (Generator(config.spec, dtype, classes, draws_labels=config.clusters > 0,
                       clusters_per_label=config.clusters if config.conditional else 0),
-            Discriminator(config.spec, dtype, classes, config.d_dropout, config.minibatch_std))
+            Discriminator(config.spec, dtype, classes, config.d_dropout, config.minibatch_std,
+                          spectral_norm=config.spectral_norm == "convs"))

@@ -1,5 +1,5 @@
 """The recipe's terms against plain-JAX references: hinge, R1 (lazy), translation, TTUR, mode
-seeking, the minibatch standard deviation."""
+seeking, the minibatch standard deviation, spectral normalisation."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from digitscape_jax import clusters
 from digitscape_jax.config import ARCHS, SETTINGS_BEFORE_THEIR_FIELDS, Config, ConfigError
 from digitscape_jax.losses import (discriminator_loss, generator_loss, mode_seeking_loss,
                                    r1_penalty, translate)
+from digitscape_jax.layers import spectral_normalize
 from digitscape_jax.models import minibatch_std, networks, sample_noise
 from digitscape_jax.steps import create_states, jit_train_step
 
@@ -176,6 +177,46 @@ def test_minibatch_std_is_checked_against_the_batch():
         Config(minibatch_std=3)
 
 
+@pytest.mark.parametrize("shape", [(5, 5, 1, 32), (5, 5, 32, 64), (3, 3, 2, 40)])
+def test_spectral_normalize_divides_by_the_largest_singular_value(shape):
+    """Its value and its gradient are those of dividing by numpy's and JAX's SVD, for kernels
+    with more rows than columns and more columns than rows."""
+    kernel = jax.random.normal(jax.random.key(0), shape)
+    matrix = np.asarray(kernel).reshape(-1, shape[-1])
+    normalised = np.asarray(jax.jit(spectral_normalize)(kernel))
+    np.testing.assert_allclose(normalised, kernel / np.linalg.svd(matrix, compute_uv=False)[0],
+                               rtol=1e-5, atol=1e-7)
+    assert np.linalg.svd(normalised.reshape(matrix.shape), compute_uv=False)[0] == (
+        pytest.approx(1.0, abs=1e-5))
+
+    def through(normalize):
+        return jax.jit(jax.grad(lambda k: jnp.sum(jnp.sin(3.0 * normalize(k)))))(kernel)
+
+    def by_svd(k):
+        return k / jnp.linalg.svd(k.reshape(-1, k.shape[-1]), compute_uv=False)[0]
+
+    expected = through(by_svd)
+    np.testing.assert_allclose(through(spectral_normalize), expected, rtol=1e-4,
+                               atol=1e-5 * float(jnp.abs(expected).max()))
+
+
+def test_with_spectral_norm_d_convolves_with_its_normalised_kernels(real_batch):
+    """D with --spectral-norm convs, on its parameters, scores as plain D does on the same
+    parameters with each convolution kernel divided by its largest singular value; its dense
+    layer is left as it is. (The division itself is the test above's.)"""
+    images = jnp.asarray(real_batch[:8])
+    _, normalised_d = networks(Config(arch="small", d_dropout=0.0, spectral_norm="convs"))
+    _, plain_d = networks(Config(arch="small", d_dropout=0.0))
+    params = plain_d.init(jax.random.key(0), images, train=False)["params"]
+    divided = {name: ({**layer, "kernel": spectral_normalize(layer["kernel"])}
+                      if name.startswith("Conv") else layer) for name, layer in params.items()}
+    assert sum(name.startswith("Conv") for name in params) == 2
+    got = normalised_d.apply({"params": params}, images, train=False)
+    np.testing.assert_allclose(got, plain_d.apply({"params": divided}, images, train=False),
+                               rtol=1e-5, atol=1e-6)
+    assert not np.allclose(got, plain_d.apply({"params": params}, images, train=False))
+
+
 def test_d_sees_both_halves_translated_with_their_own_shifts(real_batch):
     """D's mean outputs in the step are those of the real batch and of G's fakes, each
     shifted by translate() with the step's own keys (apart from the noise's and dropout's)."""
@@ -280,7 +321,7 @@ def test_the_regularised_recipe_trains(real_batch):
     D learns to tell real from fake."""
     config = Config(arch="seed", loss="hinge", r1_gamma=1.0, r1_every=2, translate=2,
                     d_dropout=0.0, d_lr_scale=2.0, learning_rate=1e-3, beta2=0.99, clusters=4,
-                    mode_seeking=0.5, minibatch_std=4)
+                    mode_seeking=0.5, minibatch_std=4, spectral_norm="convs")
     pixels = np.round((real_batch + 1.0) * 127.5).astype(np.uint8)
     batch_clusters, frequencies = clusters.kmeans(pixels, 4, "pixels")
     g_state, d_state = create_states(config, jax.random.key(0), frequencies)
