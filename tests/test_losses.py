@@ -11,9 +11,9 @@ import pytest
 
 from digitscape_jax import clusters
 from digitscape_jax.config import ARCHS, SETTINGS_BEFORE_THEIR_FIELDS, Config, ConfigError
+from digitscape_jax.layers import spectral_normalize
 from digitscape_jax.losses import (discriminator_loss, generator_loss, mode_seeking_loss,
                                    r1_penalty, translate)
-from digitscape_jax.layers import spectral_normalize
 from digitscape_jax.models import minibatch_std, networks, sample_noise
 from digitscape_jax.steps import create_states, jit_train_step
 
