@@ -207,14 +207,13 @@ def build_jax(arch: str, batch: int, gpu: bool) -> Built:
 
 
 def peer_recipe(arch: str) -> Config:
-    """The arch's recipe, which the tf and torch workers reproduce: R1, translation, the
-    minibatch standard deviation and spectral normalisation are not written for them, so an
-    arch that uses any is refused rather than timed without."""
+    """The arch's recipe, which the tf and torch workers reproduce: R1, translation and the
+    minibatch standard deviation are not written for them, so an arch that uses any is
+    refused rather than timed without."""
     config = Config(arch=arch)
-    if (config.r1_gamma or config.translate or config.minibatch_std
-            or config.spectral_norm != "none"):
-        raise SystemExit(f"{arch}: the tf and torch peers do not implement R1, translation, "
-                         "the minibatch standard deviation or spectral normalisation")
+    if config.r1_gamma or config.translate or config.minibatch_std:
+        raise SystemExit(f"{arch}: the tf and torch peers do not implement R1, translation "
+                         "or the minibatch standard deviation")
     return config
 
 
@@ -232,6 +231,19 @@ def keras_models(config: Config) -> tuple[keras.Model, keras.Model]:
         return layers.Conv2DTranspose(channels, KERNEL, strides=strides, padding="same",
                                       use_bias=False, **kwargs)
 
+    class SpectrallyNormalisedConv2D(layers.Conv2D):
+        """Conv2D with its kernel divided by its largest singular value at each call, computed
+        as `layers.spectral_normalize` computes it."""
+
+        def convolution_op(self, inputs: Any, kernel: Any) -> Any:
+            matrix = keras.ops.reshape(kernel, (-1, kernel.shape[-1]))
+            if matrix.shape[0] < matrix.shape[1]:
+                matrix = keras.ops.transpose(matrix)
+            _, vectors = keras.ops.eigh(keras.ops.matmul(keras.ops.transpose(matrix), matrix))
+            top = keras.ops.stop_gradient(vectors[:, -1])
+            sigma = keras.ops.norm(keras.ops.matmul(matrix, top))
+            return super().convolution_op(inputs, kernel / sigma)
+
     spec = config.spec
     c0, (c1, c2) = spec.g_dense_channels, spec.g_conv_channels
     g_body = keras.Sequential([
@@ -242,9 +254,10 @@ def keras_models(config: Config) -> tuple[keras.Model, keras.Model]:
         conv_transpose(c2, 2), *batch_norm_leaky(),
         conv_transpose(1, 2, activation="tanh"),
     ])
+    d_conv = SpectrallyNormalisedConv2D if config.spectral_norm == "convs" else layers.Conv2D
     d_layers: list[keras.Layer] = []
     for channels in spec.d_channels:
-        d_layers += [layers.Conv2D(channels, KERNEL, strides=2, padding="same"),
+        d_layers += [d_conv(channels, KERNEL, strides=2, padding="same"),
                      layers.LeakyReLU(negative_slope=LEAKY_SLOPE)]
         d_layers += [layers.Dropout(config.d_dropout)] if config.d_dropout else []
     d_features = keras.Sequential([keras.Input((IMAGE_SIZE, IMAGE_SIZE, 1)), *d_layers,
@@ -335,6 +348,19 @@ def torch_models(config: Config) -> tuple[torch.nn.Module, torch.nn.Module]:
     taking labels too where the arch is conditioned on them."""
     import torch
     from torch import nn
+    from torch.nn.utils import parametrize
+
+    class SpectrallyNormalised(nn.Module):
+        """A convolution's weight divided by its largest singular value, computed as
+        `layers.spectral_normalize` computes it."""
+
+        def forward(self, weight: torch.Tensor) -> torch.Tensor:
+            matrix = weight.flatten(1)
+            if matrix.shape[0] < matrix.shape[1]:
+                matrix = matrix.T
+            with torch.no_grad():
+                top = torch.linalg.eigh(matrix.T @ matrix).eigenvectors[:, -1]
+            return weight / torch.linalg.vector_norm(matrix @ top)
 
     def batch_norm_leaky(channels: int, norm: type[nn.Module] = nn.BatchNorm2d) -> list[nn.Module]:
         # torch's momentum weighs the new batch: 1 - Keras's.
@@ -368,6 +394,10 @@ def torch_models(config: Config) -> tuple[torch.nn.Module, torch.nn.Module]:
             nn.init.xavier_uniform_(module.weight)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
+    if config.spectral_norm == "convs":
+        for module in d_features:
+            if isinstance(module, nn.Conv2d):
+                parametrize.register_parametrization(module, "weight", SpectrallyNormalised())
     if not config.label_count:
         return generator, nn.Sequential(*d_features, d_head)
 

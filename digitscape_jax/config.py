@@ -82,7 +82,7 @@ ARCHS: dict[str, ArchSpec] = {
     "fast": ArchSpec(128, (64, 32), (32, 64), noise="normal", batch_size=64,
                      learning_rate=5e-4, beta1=0.5, d_dropout=0.0, clusters=200,
                      cluster_features="normalised", lr_half_life=6000, mode_seeking=0.2,
-                     conditional_mode_seeking=0.1),
+                     conditional_mode_seeking=0.1, spectral_norm="convs"),
 }
 
 DEFAULT_ARCH = "fast"

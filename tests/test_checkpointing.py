@@ -52,6 +52,8 @@ def test_a_config_takes_its_archs_batch_size_and_adam_unless_given():
             default.d_dropout, default.clusters, default.lr_half_life, default.mode_seeking) == (
         "fast", 64, 5e-4, 0.5, 0.0, 200, 6000, 0.2)
     assert (seed.mode_seeking, Config(arch="dcgan").mode_seeking) == (0.0, 0.0)
+    assert (default.spectral_norm, seed.spectral_norm, Config(arch="dcgan").spectral_norm,
+            Config(arch="small").spectral_norm) == ("convs", "none", "none", "none")
     # fast's weight with labels is its own, and a given weight is kept in either form.
     assert (Config(conditional=True).mode_seeking, Config(arch="seed", conditional=True)
             .mode_seeking, Config(conditional=True, mode_seeking=0.3).mode_seeking) == (

@@ -248,9 +248,10 @@ def test_each_arch_brings_its_own_defaults():
     assert (seed.batch_size, seed.learning_rate, seed.beta1) == (64, 1e-4, 0.9)  # the original
     default = train.config_from_args(train.parse_args([]))
     assert (default.arch, default.batch_size, default.learning_rate, default.beta1,
-            default.clusters) == ("fast", 64, 5e-4, 0.5, 200)
+            default.clusters, default.spectral_norm) == ("fast", 64, 5e-4, 0.5, 200, "convs")
     dcgan = train.config_from_args(train.parse_args(["--arch", "dcgan"]))
     assert (dcgan.batch_size, dcgan.learning_rate, dcgan.beta1, dcgan.clusters) == (
         256, 2e-4, 0.5, 0)
-    mine = train.config_from_args(train.parse_args(["--lr", "3e-4", "--beta1", "0"]))
-    assert (mine.learning_rate, mine.beta1) == (3e-4, 0.0)
+    mine = train.config_from_args(train.parse_args(["--lr", "3e-4", "--beta1", "0",
+                                                    "--spectral-norm", "none"]))
+    assert (mine.learning_rate, mine.beta1, mine.spectral_norm) == (3e-4, 0.0, "none")
