@@ -99,7 +99,7 @@ def generator_macs(config: Config) -> int:
     pixels_in = SEED_SIZE**2, (2 * SEED_SIZE) ** 2
     return (
         generator_inputs(config) * pixels_in[0] * c0   # Dense
-        + pixels_in[0] * KERNEL**2 * c0 * c1           # 7x7 -> 7x7
+        + pixels_in[0] * config.g_first_kernel**2 * c0 * c1  # 7x7 -> 7x7
         + pixels_in[0] * KERNEL**2 * c1 * c2           # 7x7 -> 14x14
         + pixels_in[1] * KERNEL**2 * c2 * 1            # 14x14 -> 28x28
     )
@@ -227,8 +227,9 @@ def keras_models(config: Config) -> tuple[keras.Model, keras.Model]:
         return [layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON),
                 layers.LeakyReLU(negative_slope=LEAKY_SLOPE)]
 
-    def conv_transpose(channels: int, strides: int, **kwargs: Any) -> keras.Layer:
-        return layers.Conv2DTranspose(channels, KERNEL, strides=strides, padding="same",
+    def conv_transpose(channels: int, strides: int, kernel: int = KERNEL,
+                       **kwargs: Any) -> keras.Layer:
+        return layers.Conv2DTranspose(channels, kernel, strides=strides, padding="same",
                                       use_bias=False, **kwargs)
 
     class SpectrallyNormalisedConv2D(layers.Conv2D):
@@ -250,7 +251,7 @@ def keras_models(config: Config) -> tuple[keras.Model, keras.Model]:
         keras.Input((generator_inputs(config),)),
         layers.Dense(SEED_SIZE * SEED_SIZE * c0, use_bias=False), *batch_norm_leaky(),
         layers.Reshape((SEED_SIZE, SEED_SIZE, c0)),
-        conv_transpose(c1, 1), *batch_norm_leaky(),
+        conv_transpose(c1, 1, config.g_first_kernel), *batch_norm_leaky(),
         conv_transpose(c2, 2), *batch_norm_leaky(),
         conv_transpose(1, 2, activation="tanh"),
     ])
@@ -366,9 +367,10 @@ def torch_models(config: Config) -> tuple[torch.nn.Module, torch.nn.Module]:
         # torch's momentum weighs the new batch: 1 - Keras's.
         return [norm(channels, eps=BN_EPSILON, momentum=1 - BN_MOMENTUM), nn.LeakyReLU(LEAKY_SLOPE)]
 
-    def conv_transpose(c_in: int, c_out: int, stride: int) -> nn.Module:
-        # padding 2 and output_padding stride - 1 give 'SAME's output size, input x stride.
-        return nn.ConvTranspose2d(c_in, c_out, KERNEL, stride, padding=KERNEL // 2,
+    def conv_transpose(c_in: int, c_out: int, stride: int, kernel: int = KERNEL) -> nn.Module:
+        # padding kernel // 2 and output_padding stride - 1 give 'SAME's output size (an odd
+        # kernel), input x stride.
+        return nn.ConvTranspose2d(c_in, c_out, kernel, stride, padding=kernel // 2,
                                   output_padding=stride - 1, bias=False)
 
     spec = config.spec
@@ -377,7 +379,7 @@ def torch_models(config: Config) -> tuple[torch.nn.Module, torch.nn.Module]:
         nn.Linear(generator_inputs(config), SEED_SIZE * SEED_SIZE * c0, bias=False),
         *batch_norm_leaky(SEED_SIZE * SEED_SIZE * c0, nn.BatchNorm1d),
         nn.Unflatten(1, (c0, SEED_SIZE, SEED_SIZE)),
-        conv_transpose(c0, c1, 1), *batch_norm_leaky(c1),
+        conv_transpose(c0, c1, 1, config.g_first_kernel), *batch_norm_leaky(c1),
         conv_transpose(c1, c2, 2), *batch_norm_leaky(c2),
         conv_transpose(c2, 1, 2), nn.Tanh(),
     )

@@ -34,8 +34,9 @@ class ArchSpec:
     """Widths and training recipe of one DCGAN variant.
 
     The generator maps noise to a 7x7 map with `g_dense_channels` channels, then
-    runs transposed convolutions with `g_conv_channels` (strides 1, 2) and a
-    final stride-2 one to a single channel. The discriminator has one stride-2
+    runs transposed convolutions with `g_conv_channels` (strides 1, 2; the first with a
+    `g_first_kernel` square kernel, the others 5x5) and a final stride-2 one to a single
+    channel. The discriminator has one stride-2
     convolution per entry of `d_channels`. The fields from `batch_size` on are
     the defaults of the Config fields of the same names.
     """
@@ -61,6 +62,7 @@ class ArchSpec:
     lr_half_life: int = 0
     minibatch_std: int = 0
     spectral_norm: str = "none"
+    g_first_kernel: int = 5
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -77,12 +79,13 @@ ARCHS: dict[str, ArchSpec] = {
                       learning_rate=2e-4, beta1=0.5),
     # small, self-conditioned on 200 clusters of the digits' shapes, without dropout in D,
     # at a higher learning rate that halves every 6,000 steps, with the mode-seeking term
-    # (at half the weight with labels, which measured worse at 0.2 and 0.3): the levers
-    # that measured best per CPU-minute (docs/quality.md).
+    # (at half the weight with labels, which measured worse at 0.2 and 0.3), D's kernels
+    # spectrally normalised, and a 3x3 kernel on G's 7x7 map (as good digits with two thirds
+    # of the FLOPs): the levers that measured best per CPU-minute (docs/quality.md).
     "fast": ArchSpec(128, (64, 32), (32, 64), noise="normal", batch_size=64,
                      learning_rate=5e-4, beta1=0.5, d_dropout=0.0, clusters=200,
                      cluster_features="normalised", lr_half_life=6000, mode_seeking=0.2,
-                     conditional_mode_seeking=0.1, spectral_norm="convs"),
+                     conditional_mode_seeking=0.1, spectral_norm="convs", g_first_kernel=3),
 }
 
 DEFAULT_ARCH = "fast"
@@ -116,6 +119,7 @@ POSITIVE_FINITE = Bound(lambda v: 0.0 < v < math.inf, "positive and finite", "a 
 UNIT_INTERVAL = Bound(lambda v: 0.0 <= v < 1.0, "in [0, 1)", "a number in [0, 1)")
 # A count that 0 turns off and 1 would make meaningless (one cluster, a group of one).
 OFF_OR_AT_LEAST_2 = Bound(lambda v: v == 0 or v >= 2, "0 or at least 2", "0 or an integer >= 2")
+ODD = Bound(lambda v: v > 0 and v % 2 == 1, "positive and odd", "a positive odd integer")
 # A JAX key (without 64-bit mode) holds 32 bits of seed: more would collide.
 SEED = Bound(lambda v: 0 <= v < MAX_SEED, "in [0, 2**32)", "an integer >= 0")
 
@@ -168,8 +172,9 @@ class Config:
 
     steps: int = setting(20_000, "total number of updates (of both G and D) to train to",
                          bound=POSITIVE, role="schedule")
-    arch: str = setting(DEFAULT_ARCH, "'fast': small, self-conditioned on 200 clusters of "
-                        "shapes, without dropout, at lr 5e-4 halving every 6,000 steps, with "
+    arch: str = setting(DEFAULT_ARCH, "'fast': small with a 3x3 first kernel in G, "
+                        "self-conditioned on 200 clusters of shapes, without dropout, with D's "
+                        "convolutions spectrally normalised, at lr 5e-4 halving every 6,000 steps, with "
                         "mode seeking 0.2 (0.1 with --conditional); 'seed': the original Keras "
                         "model (widths 8/8/16, D 16/32, U[0,1) noise); 'dcgan': the "
                         "TensorFlow tutorial widths (256/128/64, D 64/128, N(0,1) noise); "
@@ -231,6 +236,10 @@ class Config:
         "spectral_norm", "spectral normalisation in D (Miyato et al., 2018): 'convs' divides "
         "each of D's convolution kernels by its largest singular value, computed exactly at "
         "every step; 'none': no normalisation", choices=lambda: list(SPECTRAL_NORMS))
+    g_first_kernel: int | None = arch_setting(
+        "g_first_kernel", "side of the square kernel of G's first transposed convolution, on "
+        "its 7x7 map (odd, so that 'SAME' padding is symmetric; the later ones are 5x5)",
+        bound=ODD, role="model")
     ema_decay: float = setting(0.999, "decay of the moving average of G's weights that sampling "
                                "uses (0: no averaging)", bound=UNIT_INTERVAL)
     latent_dim: int = setting(100, "size of the generator's noise input", bound=POSITIVE,
@@ -361,7 +370,7 @@ SETTINGS_BEFORE_THEIR_FIELDS = {"d_lr_scale": 1.0, "loss": "bce", "r1_gamma": 0.
                                 "r1_every": 4, "d_dropout": 0.3, "translate": 0,
                                 "mode_seeking": 0.0, "clusters": 0, "lr_half_life": 0,
                                 "cluster_features": "pixels", "minibatch_std": 0,
-                                "spectral_norm": "none"}
+                                "spectral_norm": "none", "g_first_kernel": 5}
 
 
 @dataclasses.dataclass(frozen=True)

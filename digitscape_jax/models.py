@@ -56,7 +56,8 @@ class Generator(nn.Module):
     clusters within each label), `labels` are digits, and the first entry picks
     one of the digit's clusters, by their frequencies within it. The update
     passes the classes themselves (`classes`: the real batch's clusters), which
-    the noise then does not pick.
+    the noise then does not pick. `first_kernel` is the side of the first transposed
+    convolution's kernel (Config.g_first_kernel).
     """
 
     spec: ArchSpec
@@ -64,6 +65,7 @@ class Generator(nn.Module):
     num_classes: int = 0
     draws_labels: bool = False
     clusters_per_label: int = 0
+    first_kernel: int = 5  # Keras Digitscape's
 
     @nn.compact
     def __call__(self, z: jax.Array, train: bool, labels: jax.Array | None = None,
@@ -90,7 +92,8 @@ class Generator(nn.Module):
                      dtype=dtype)(z)
         x = leaky_relu(batch_norm(train, dtype)(x))
         x = x.reshape(-1, SEED_SIZE, SEED_SIZE, c0)
-        x = leaky_relu(batch_norm(train, dtype)(ConvTranspose(c1, strides=1, dtype=dtype)(x)))
+        x = ConvTranspose(c1, kernel_size=self.first_kernel, strides=1, dtype=dtype)(x)
+        x = leaky_relu(batch_norm(train, dtype)(x))
         x = leaky_relu(batch_norm(train, dtype)(ConvTranspose(c2, strides=2, dtype=dtype)(x)))
         return jnp.tanh(ConvTranspose(IMAGE_SHAPE[-1], strides=2, dtype=dtype)(x))
 
@@ -160,6 +163,7 @@ def networks(config: Config, dtype: Any = jnp.float32) -> tuple[Generator, Discr
     computing in `dtype`."""
     classes = config.label_count
     return (Generator(config.spec, dtype, classes, draws_labels=config.clusters > 0,
-                      clusters_per_label=config.clusters if config.conditional else 0),
+                      clusters_per_label=config.clusters if config.conditional else 0,
+                      first_kernel=config.g_first_kernel),
             Discriminator(config.spec, dtype, classes, config.d_dropout, config.minibatch_std,
                           spectral_norm=config.spectral_norm == "convs"))

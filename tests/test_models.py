@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from digitscape_jax.config import ARCHS
+from digitscape_jax.config import ARCHS, Config
 from digitscape_jax.layers import PER_PHASE_MIN_FEATURES, Conv, ConvTranspose, Dropout
-from digitscape_jax.models import Discriminator, Generator, leaky_relu, sample_noise
+from digitscape_jax.models import Discriminator, Generator, leaky_relu, networks, sample_noise
 
 # Keras model.summary() of the original ("seed") and of the TF tutorial ("dcgan"), and the
 # tutorial's network at half its widths ("small"), counted the same way by hand:
@@ -74,6 +74,23 @@ def test_discriminator_matches_keras(arch):
     assert count(variables) == expected_params
 
 
+def test_the_default_g_maps_its_7x7_features_with_a_3x3_kernel_and_an_old_checkpoint_5x5():
+    """`fast` draws its first transposed convolution with a 3x3 kernel; a checkpoint config
+    from before `g_first_kernel` existed rebuilds the 5x5 layer it was trained with."""
+    saved = Config().to_json()
+    del saved["g_first_kernel"]
+    kernels, counts = [], []
+    for config in (Config(), Config.from_json(saved)):
+        generator = networks(config)[0]
+        z = jnp.zeros((2, config.latent_dim))
+        variables = generator.init(jax.random.key(0), z, train=False)
+        assert generator.apply(variables, z, train=False).shape == (2, 28, 28, 1)
+        kernels.append(variables["params"]["ConvTranspose_0"]["kernel"].shape)
+        counts.append(count(variables["params"]))
+    assert kernels == [(3, 3, 128, 64), (5, 5, 128, 64)]
+    assert counts[1] - counts[0] == (25 - 9) * 128 * 64
+
+
 def test_generator_has_no_biases_and_discriminator_zero_biases():
     g = Generator(ARCHS["seed"]).init(jax.random.key(0), jnp.zeros((1, 100)), train=False)
     d = Discriminator(ARCHS["seed"]).init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), train=False)
@@ -124,7 +141,7 @@ def test_noise_priors():
 
 # Below PER_PHASE_MIN_FEATURES output channels, one stacked convolution; from it up, one per phase.
 @pytest.mark.parametrize("features", [5, PER_PHASE_MIN_FEATURES])
-@pytest.mark.parametrize("kernel_size,stride", [(5, 1), (5, 2), (3, 2), (4, 2), (5, 3)])
+@pytest.mark.parametrize("kernel_size,stride", [(5, 1), (3, 1), (5, 2), (3, 2), (4, 2), (5, 3)])
 def test_conv_transpose_is_flax_and_lax_conv_transpose(kernel_size, stride, features):
     x = jax.random.normal(jax.random.key(0), (2, 7, 7, 6))
     ours = ConvTranspose(features, kernel_size=kernel_size, strides=stride)
