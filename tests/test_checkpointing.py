@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import pytest
 
@@ -90,3 +92,26 @@ def test_resume_check_names_both_values():
     with pytest.raises(UserError, match="conditional=False but this run asks for conditional=True"):
         Config(conditional=True).check_resumable_with(Config())
     Config(steps=5, learning_rate=1e-3).check_resumable_with(Config())  # not a model field
+
+
+def test_a_fast_checkpoint_from_before_g_first_kernel_restores_as_its_5x5_layer(tmp_path):
+    """Its config JSON lacks the field: it reads as the 5x5 layer it holds, restores bit for
+    bit, and today's default (3x3) is refused on resume rather than misread."""
+    old = Config(batch_size=16, g_first_kernel=5)
+    g_state, d_state = create_states(old, jax.random.key(0))
+    Checkpointer(tmp_path).save(1, g_state, d_state, old)
+    (config_file,) = [p for p in (tmp_path / "1" / "config").iterdir()
+                      if p.is_file() and "g_first_kernel" in p.read_text()]
+    saved = json.loads(config_file.read_text())
+    del saved["g_first_kernel"]
+    config_file.write_text(json.dumps(saved))
+
+    reader = Checkpointer(tmp_path, read_only=True)
+    config = reader.load_config(1)
+    assert config == old
+    g_restored, d_restored = reader.restore(1, abstract_states(config))
+    assert g_restored.params["ConvTranspose_0"]["kernel"].shape == (5, 5, 128, 64)
+    assert_trees_equal(to_numpy(state_trees(g_restored, d_restored)),
+                       to_numpy(state_trees(g_state, d_state)))
+    with pytest.raises(UserError, match="g_first_kernel=5 but this run asks for g_first_kernel=3"):
+        Config(batch_size=16).check_resumable_with(config)
