@@ -76,7 +76,7 @@ LEAKY_SLOPE = 0.3
 BN_MOMENTUM = 0.99  # Keras/Flax semantics: running = momentum * running + (1 - momentum) * batch
 BN_EPSILON = 1e-3
 ADAM_EPSILON = 1e-7
-KERNEL = 5
+KERNEL = 5  # D's kernels and G's but the first (config.g_first_kernel)
 SEED_SIZE = 7  # G's first feature map is 7x7; images are 28x28x1.
 LABEL_EMBEDDING = 16  # Size of a conditioned G's label embedding, beside the noise.
 IMAGE_SIZE = 28
@@ -98,10 +98,10 @@ def generator_macs(config: Config) -> int:
     c0, (c1, c2) = spec.g_dense_channels, spec.g_conv_channels
     pixels_in = SEED_SIZE**2, (2 * SEED_SIZE) ** 2
     return (
-        generator_inputs(config) * pixels_in[0] * c0   # Dense
-        + pixels_in[0] * config.g_first_kernel**2 * c0 * c1  # 7x7 -> 7x7
-        + pixels_in[0] * KERNEL**2 * c1 * c2           # 7x7 -> 14x14
-        + pixels_in[1] * KERNEL**2 * c2 * 1            # 14x14 -> 28x28
+        generator_inputs(config) * pixels_in[0] * c0              # Dense
+        + pixels_in[0] * config.g_first_kernel**2 * c0 * c1       # 7x7 -> 7x7
+        + pixels_in[0] * KERNEL**2 * c1 * c2                      # 7x7 -> 14x14
+        + pixels_in[1] * KERNEL**2 * c2 * 1                       # 14x14 -> 28x28
     )
 
 
@@ -251,7 +251,7 @@ def keras_models(config: Config) -> tuple[keras.Model, keras.Model]:
         keras.Input((generator_inputs(config),)),
         layers.Dense(SEED_SIZE * SEED_SIZE * c0, use_bias=False), *batch_norm_leaky(),
         layers.Reshape((SEED_SIZE, SEED_SIZE, c0)),
-        conv_transpose(c1, 1, config.g_first_kernel), *batch_norm_leaky(),
+        conv_transpose(c1, 1, kernel=config.g_first_kernel), *batch_norm_leaky(),
         conv_transpose(c2, 2), *batch_norm_leaky(),
         conv_transpose(1, 2, activation="tanh"),
     ])
@@ -379,7 +379,7 @@ def torch_models(config: Config) -> tuple[torch.nn.Module, torch.nn.Module]:
         nn.Linear(generator_inputs(config), SEED_SIZE * SEED_SIZE * c0, bias=False),
         *batch_norm_leaky(SEED_SIZE * SEED_SIZE * c0, nn.BatchNorm1d),
         nn.Unflatten(1, (c0, SEED_SIZE, SEED_SIZE)),
-        conv_transpose(c0, c1, 1, config.g_first_kernel), *batch_norm_leaky(c1),
+        conv_transpose(c0, c1, 1, kernel=config.g_first_kernel), *batch_norm_leaky(c1),
         conv_transpose(c1, c2, 2), *batch_norm_leaky(c2),
         conv_transpose(c2, 1, 2), nn.Tanh(),
     )

@@ -33,12 +33,11 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 class ArchSpec:
     """Widths and training recipe of one DCGAN variant.
 
-    The generator maps noise to a 7x7 map with `g_dense_channels` channels, then
-    runs transposed convolutions with `g_conv_channels` (strides 1, 2; the first with a
+    The generator maps noise to a 7x7 map with `g_dense_channels` channels, then runs
+    transposed convolutions with `g_conv_channels` (strides 1, 2; the first with a
     `g_first_kernel` square kernel, the others 5x5) and a final stride-2 one to a single
-    channel. The discriminator has one stride-2
-    convolution per entry of `d_channels`. The fields from `batch_size` on are
-    the defaults of the Config fields of the same names.
+    channel. The discriminator has one stride-2 convolution per entry of `d_channels`. The
+    fields from `batch_size` on are the defaults of the Config fields of the same names.
     """
 
     g_dense_channels: int
@@ -119,7 +118,8 @@ POSITIVE_FINITE = Bound(lambda v: 0.0 < v < math.inf, "positive and finite", "a 
 UNIT_INTERVAL = Bound(lambda v: 0.0 <= v < 1.0, "in [0, 1)", "a number in [0, 1)")
 # A count that 0 turns off and 1 would make meaningless (one cluster, a group of one).
 OFF_OR_AT_LEAST_2 = Bound(lambda v: v == 0 or v >= 2, "0 or at least 2", "0 or an integer >= 2")
-ODD = Bound(lambda v: v > 0 and v % 2 == 1, "positive and odd", "a positive odd integer")
+POSITIVE_ODD = Bound(lambda v: v > 0 and v % 2 == 1, "positive and odd",
+                     "a positive odd integer")
 # A JAX key (without 64-bit mode) holds 32 bits of seed: more would collide.
 SEED = Bound(lambda v: 0 <= v < MAX_SEED, "in [0, 2**32)", "an integer >= 0")
 
@@ -174,8 +174,9 @@ class Config:
                          bound=POSITIVE, role="schedule")
     arch: str = setting(DEFAULT_ARCH, "'fast': small with a 3x3 first kernel in G, "
                         "self-conditioned on 200 clusters of shapes, without dropout, with D's "
-                        "convolutions spectrally normalised, at lr 5e-4 halving every 6,000 steps, with "
-                        "mode seeking 0.2 (0.1 with --conditional); 'seed': the original Keras "
+                        "convolutions spectrally normalised, at lr 5e-4 halving every 6,000 "
+                        "steps, with mode seeking 0.2 (0.1 with --conditional); 'seed': the "
+                        "original Keras "
                         "model (widths 8/8/16, D 16/32, U[0,1) noise); 'dcgan': the "
                         "TensorFlow tutorial widths (256/128/64, D 64/128, N(0,1) noise); "
                         "'small': dcgan at half those widths, batch 64",
@@ -239,7 +240,7 @@ class Config:
     g_first_kernel: int | None = arch_setting(
         "g_first_kernel", "side of the square kernel of G's first transposed convolution, on "
         "its 7x7 map (odd, so that 'SAME' padding is symmetric; the later ones are 5x5)",
-        bound=ODD, role="model")
+        bound=POSITIVE_ODD, role="model")
     ema_decay: float = setting(0.999, "decay of the moving average of G's weights that sampling "
                                "uses (0: no averaging)", bound=UNIT_INTERVAL)
     latent_dim: int = setting(100, "size of the generator's noise input", bound=POSITIVE,

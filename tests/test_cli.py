@@ -125,6 +125,7 @@ def flag_error(capsys, main, flags) -> str:
     (["--batch-size", "-64"], "--batch-size: must be positive"),
     (["--arch", "resnet"], "--arch: invalid choice: 'resnet'"),
     (["--lr", "nan"], "--lr: must be positive and finite"),
+    (["--g-first-kernel", "4"], "--g-first-kernel: must be positive and odd"),
 ])
 def test_train_rejects_bad_flags(capsys, flags, message):
     assert message in flag_error(capsys, train.main, flags)
@@ -248,10 +249,11 @@ def test_each_arch_brings_its_own_defaults():
     assert (seed.batch_size, seed.learning_rate, seed.beta1) == (64, 1e-4, 0.9)  # the original
     default = train.config_from_args(train.parse_args([]))
     assert (default.arch, default.batch_size, default.learning_rate, default.beta1,
-            default.clusters, default.spectral_norm) == ("fast", 64, 5e-4, 0.5, 200, "convs")
+            default.clusters, default.spectral_norm, default.g_first_kernel) == (
+        "fast", 64, 5e-4, 0.5, 200, "convs", 3)
     dcgan = train.config_from_args(train.parse_args(["--arch", "dcgan"]))
-    assert (dcgan.batch_size, dcgan.learning_rate, dcgan.beta1, dcgan.clusters) == (
-        256, 2e-4, 0.5, 0)
+    assert (dcgan.batch_size, dcgan.learning_rate, dcgan.beta1, dcgan.clusters,
+            dcgan.g_first_kernel) == (256, 2e-4, 0.5, 0, 5)
     mine = train.config_from_args(train.parse_args(["--lr", "3e-4", "--beta1", "0",
                                                     "--spectral-norm", "none"]))
     assert (mine.learning_rate, mine.beta1, mine.spectral_norm) == (3e-4, 0.0, "none")

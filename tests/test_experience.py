@@ -16,7 +16,7 @@ from digitscape_jax import cli
 from digitscape_jax.config import Config
 from digitscape_jax.errors import UserError
 from digitscape_jax.export import load_msgpack
-from digitscape_jax.models import Generator, sample_noise
+from digitscape_jax.models import networks, sample_noise
 from digitscape_jax.progress import Progress
 from digitscape_jax.sampling import latent_walks, load_generator, slerp
 from test_cli import grid_size
@@ -187,7 +187,7 @@ def test_savedmodel_matches_the_jax_generator(trained_run, tmp_path):
     loaded = tf.saved_model.load(str(tmp_path / "sm"))
     for n in (1, 7):  # any batch size
         noise = np.asarray(sample_noise(jax.random.key(n), config.spec.noise, (n, 100)))
-        expected = Generator(config.spec).apply(variables, noise, train=False)
+        expected = networks(config)[0].apply(variables, noise, train=False)
         got = loaded.signatures["serving_default"](noise=tf.constant(noise))
         (got,) = got.values()
         assert got.shape == (n, 28, 28, 1)

@@ -54,7 +54,7 @@ def layer_shapes(module: nn.Module, x: jax.Array, **kwargs) -> tuple[list, dict,
     return shapes, variables, out
 
 
-@pytest.mark.parametrize("arch", sorted(KERAS_G))  # fast: small's network, conditioned
+@pytest.mark.parametrize("arch", sorted(KERAS_G))  # fast: small's with a 3x3 first kernel, below
 def test_generator_matches_keras(arch):
     expected_layers, expected_params = KERAS_G[arch]
     shapes, variables, out = layer_shapes(Generator(ARCHS[arch]), jnp.zeros((3, 100)))
