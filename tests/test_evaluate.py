@@ -126,6 +126,18 @@ def test_precision_and_recall_of_known_feature_sets():
     assert precision == 1.0 and recall == pytest.approx(1 / 1000)
 
 
+def test_knn_radii_are_the_kth_smallest_distance_to_the_others_counting_duplicates():
+    rng = np.random.default_rng(0)
+    points = rng.normal(size=(300, 5)).astype(np.float32)
+    points[100:104] = points[0]  # five copies of one point, and two of another
+    points[200] = points[1]
+    expected = np.sort(((points[:, None] - points[None]) ** 2).sum(-1), 1)  # self first
+    for k in (1, 3, 5):
+        np.testing.assert_allclose(sm.knn_radii(points, k), expected[:, k], atol=1e-4)
+    assert sm.knn_radii(points, 3)[0] == pytest.approx(0.0, abs=1e-4)  # three other copies
+    assert sm.knn_radii(points, 5)[0] > 0.01  # but not five
+
+
 def test_memorization_detects_copies_of_training_digits_not_unseen_ones(evaluator, held_out):
     result = evaluator.evaluate(evaluator.train_images[:1000], metrics=["memorization"])
     assert result["memorization_rate"] == 1.0
