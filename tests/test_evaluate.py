@@ -134,8 +134,8 @@ def test_knn_radii_are_the_kth_smallest_distance_to_the_others_counting_duplicat
     expected = np.sort(((points[:, None] - points[None]) ** 2).sum(-1), 1)  # self first
     for k in (1, 3, 5):
         np.testing.assert_allclose(sm.knn_radii(points, k), expected[:, k], atol=1e-4)
-    assert sm.knn_radii(points, 3)[0] == pytest.approx(0.0, abs=1e-4)  # three other copies
-    assert sm.knn_radii(points, 5)[0] > 0.01  # but not five
+    assert sm.knn_radii(points, 3)[0] == pytest.approx(0.0, abs=1e-4)  # 4 copies: the 3rd is one
+    assert sm.knn_radii(points, 5)[0] > 0.01  # the 5th is another point
 
 
 def test_memorization_detects_copies_of_training_digits_not_unseen_ones(evaluator, held_out):
