@@ -176,9 +176,8 @@ class Config:
                         "self-conditioned on 200 clusters of shapes, without dropout, with D's "
                         "convolutions spectrally normalised, at lr 5e-4 halving every 6,000 "
                         "steps, with mode seeking 0.2 (0.1 with --conditional); 'seed': the "
-                        "original Keras "
-                        "model (widths 8/8/16, D 16/32, U[0,1) noise); 'dcgan': the "
-                        "TensorFlow tutorial widths (256/128/64, D 64/128, N(0,1) noise); "
+                        "original Keras model (widths 8/8/16, D 16/32, U[0,1) noise); 'dcgan': "
+                        "the TensorFlow tutorial widths (256/128/64, D 64/128, N(0,1) noise); "
                         "'small': dcgan at half those widths, batch 64",
                         choices=lambda: sorted(ARCHS), role="model")
     conditional: bool = setting(False, "train on the labels too, so that `sample.py --digit 7` "
