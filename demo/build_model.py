@@ -89,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"IS {info['is']:.2f}")
     if size > MAX_BYTES:
         cli.warn(f"warning: {args.out} is over {MAX_BYTES / 1e6:.0f} MB, more than the "
-                 "repository should carry (arch small or seed fit)")
+                 "repository should carry (arch fast, small or seed fit)")
     if args.screenshot:
         screenshot(args.out, args.screenshot)
         print(f"the page with it -> {args.screenshot}")

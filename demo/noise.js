@@ -2,7 +2,7 @@
 // tests/test_demo.py reproduces it in Python):
 //   - mulberry32(seed) gives uniform draws u in [0, 1): a uint32 divided by 2**32;
 //   - uniform noise (arch seed) is one draw per value;
-//   - normal noise (dcgan, small) is Box-Muller with two draws per value, u1 then u2:
+//   - normal noise (fast, dcgan, small) is Box-Muller with two draws per value, u1 then u2:
 //     sqrt(-2 ln(1 - u1)) * cos(2 pi u2), in float64, then stored as float32.
 "use strict";
 
