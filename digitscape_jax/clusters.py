@@ -58,8 +58,8 @@ def cluster_points(images: np.ndarray, features: str) -> jax.Array:
     (14 x 14 keeps a digit's shape, at a quarter of the distances' cost); 'normalised' then
     centres each digit's pixels and scales them to unit length, so that distances compare
     shapes (their correlation), not how much ink a digit holds: by the labels, which
-    k-means never sees, 92.65% of the training digits share their cluster's most common
-    label with 200 clusters, against 90.29% on pixels."""
+    k-means never sees, 93.34% of the training digits share their cluster's most common
+    label with 300 clusters, against 92.06% on pixels (92.22% and 90.96% with 200)."""
     pixels = jnp.asarray(images, jnp.float32).reshape(len(images), 14, 2, 14, 2) / 255.0
     pixels = pixels.mean(axis=(2, 4)).reshape(len(images), -1)
     if features == "pixels":

@@ -76,13 +76,13 @@ ARCHS: dict[str, ArchSpec] = {
     # fewer FLOPs per digit, and better digits per CPU-minute (docs/quality.md).
     "small": ArchSpec(128, (64, 32), (32, 64), noise="normal", batch_size=64,
                       learning_rate=2e-4, beta1=0.5),
-    # small, self-conditioned on 200 clusters of the digits' shapes, without dropout in D,
+    # small, self-conditioned on 300 clusters of the digits' shapes, without dropout in D,
     # at a higher learning rate that halves every 6,000 steps, with the mode-seeking term
     # (at half the weight with labels, which measured worse at 0.2 and 0.3), D's kernels
     # spectrally normalised, and a 3x3 kernel on G's 7x7 map (as good digits with two thirds
     # of the FLOPs): the levers that measured best per CPU-minute (docs/quality.md).
     "fast": ArchSpec(128, (64, 32), (32, 64), noise="normal", batch_size=64,
-                     learning_rate=5e-4, beta1=0.5, d_dropout=0.0, clusters=200,
+                     learning_rate=5e-4, beta1=0.5, d_dropout=0.0, clusters=300,
                      cluster_features="normalised", lr_half_life=6000, mode_seeking=0.2,
                      conditional_mode_seeking=0.1, spectral_norm="convs", g_first_kernel=3),
 }
@@ -173,7 +173,7 @@ class Config:
     steps: int = setting(20_000, "total number of updates (of both G and D) to train to",
                          bound=POSITIVE, role="schedule")
     arch: str = setting(DEFAULT_ARCH, "'fast': small with a 3x3 first kernel in G, "
-                        "self-conditioned on 200 clusters of shapes, without dropout, with D's "
+                        "self-conditioned on 300 clusters of shapes, without dropout, with D's "
                         "convolutions spectrally normalised, at lr 5e-4 halving every 6,000 "
                         "steps, with mode seeking 0.2 (0.1 with --conditional); 'seed': the "
                         "original Keras model (widths 8/8/16, D 16/32, U[0,1) noise); 'dcgan': "

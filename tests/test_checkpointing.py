@@ -52,7 +52,7 @@ def test_a_config_takes_its_archs_batch_size_and_adam_unless_given():
     assert (seed.batch_size, seed.learning_rate, seed.beta1) == (64, 1e-4, 0.9)  # the original's
     assert (default.arch, default.batch_size, default.learning_rate, default.beta1,
             default.d_dropout, default.clusters, default.lr_half_life, default.mode_seeking) == (
-        "fast", 64, 5e-4, 0.5, 0.0, 200, 6000, 0.2)
+        "fast", 64, 5e-4, 0.5, 0.0, 300, 6000, 0.2)
     assert (seed.mode_seeking, Config(arch="dcgan").mode_seeking) == (0.0, 0.0)
     assert (default.spectral_norm, seed.spectral_norm, Config(arch="dcgan").spectral_norm,
             Config(arch="small").spectral_norm) == ("convs", "none", "none", "none")

@@ -250,7 +250,7 @@ def test_each_arch_brings_its_own_defaults():
     default = train.config_from_args(train.parse_args([]))
     assert (default.arch, default.batch_size, default.learning_rate, default.beta1,
             default.clusters, default.spectral_norm, default.g_first_kernel) == (
-        "fast", 64, 5e-4, 0.5, 200, "convs", 3)
+        "fast", 64, 5e-4, 0.5, 300, "convs", 3)
     dcgan = train.config_from_args(train.parse_args(["--arch", "dcgan"]))
     assert (dcgan.batch_size, dcgan.learning_rate, dcgan.beta1, dcgan.clusters,
             dcgan.g_first_kernel) == (256, 2e-4, 0.5, 0, 5)

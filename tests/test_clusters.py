@@ -247,8 +247,23 @@ def test_a_checkpoint_from_before_cluster_features_clustered_pixels_and_resumes_
     saved = Config().to_json()
     del saved["cluster_features"]
     old = Config.from_json(saved)
-    assert (old.arch, old.clusters, old.cluster_features) == ("fast", 200, "pixels")
+    assert (old.arch, old.clusters, old.cluster_features) == ("fast", 300, "pixels")
     with pytest.raises(UserError, match="cluster_features='pixels' but this run asks for "
                                         "cluster_features='normalised'"):
         Config().check_resumable_with(old)
     Config(cluster_features="pixels").check_resumable_with(old)
+
+
+def test_a_checkpoint_of_fast_on_200_clusters_reads_as_200_and_the_default_does_not_resume_it():
+    """`fast` drew 200 clusters before 300 measured better: such a checkpoint's saved config
+    builds G's and D's 200-row embeddings, and the default, on 300, refuses to resume it."""
+    old = Config.from_json({**Config().to_json(), "clusters": 200})
+    g_state, d_state = abstract_states(old)
+    embeddings = [leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(
+        (g_state.params, d_state.params)) if "Embed" in jax.tree_util.keystr(path)]
+    assert [rows for rows, _ in embeddings] == [200, 200]
+    assert Config().clusters == 300
+    with pytest.raises(UserError, match="trained with clusters=200 but this run asks for "
+                                        "clusters=300"):
+        Config().check_resumable_with(old)
+    Config(clusters=200).check_resumable_with(old)
