@@ -10,13 +10,16 @@ from digitscape_jax.errors import UserError
 from digitscape_jax.files import write_atomically
 
 METRICS_FILE = "metrics.jsonl"
+# One record per (re)start of a run: its first step, and the code, libraries and machine
+# that ran it (`provenance.describe`).
+RUNS_FILE = "runs.jsonl"
 
 
 class MetricsLog:
-    """Appends logged metrics to `<directory>/metrics.jsonl` and reads them back."""
+    """Appends JSON records to `<directory>/<name>` (metrics.jsonl) and reads them back."""
 
-    def __init__(self, directory: str | Path):
-        self.path = Path(directory) / METRICS_FILE
+    def __init__(self, directory: str | Path, name: str = METRICS_FILE):
+        self.path = Path(directory) / name
 
     def read(self) -> list[dict[str, Any]]:
         """The records; a line cut short by a crash mid-write is skipped."""
@@ -50,8 +53,10 @@ DISPLAY = {"d_loss": ("d_loss", "{:.4f}"), "g_loss": ("g_loss", "{:.4f}"),
            "r1": ("R1", "{:.4f}"), "fd": ("FD", "{:.2f}"), "is": ("IS", "{:.2f}"),
            "label_accuracy": ("label acc", "{:.3f}")}
 # Fields of a metrics.jsonl record that are not metrics of the model. wall_s: seconds since
-# the run began (data loading, compilation and evaluations included), over all its resumes.
-BOOKKEEPING = ("step", "steps_per_s", "wall_s")
+# the run began (data loading, compilation and evaluations included), over all its resumes;
+# first_call_s, in the first record of each (re)start only: its first call, compilation
+# included.
+BOOKKEEPING = ("step", "steps_per_s", "wall_s", "first_call_s")
 
 
 def label(name: str) -> str:

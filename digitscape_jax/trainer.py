@@ -22,12 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from digitscape_jax import cli, clusters, data, parallel
+from digitscape_jax import cli, clusters, data, parallel, provenance
 from digitscape_jax.checkpointing import Checkpointer, RunLock
 from digitscape_jax.config import Config
 from digitscape_jax.errors import TrainingDiverged
 from digitscape_jax.evaluator import Evaluator, during_training
-from digitscape_jax.metrics import format_metrics
+from digitscape_jax.metrics import RUNS_FILE, MetricsLog, format_metrics
 from digitscape_jax.outputs import REAL_IMAGES, ROW_LENGTH, RunOutputs, RunPaths
 from digitscape_jax.plots import save_grid
 from digitscape_jax.progress import Progress, format_duration
@@ -88,6 +88,9 @@ def _train(config: Config, paths: RunPaths, stream: TextIO, warn: Callable[[str]
     progress = Progress(start, config.steps, stream)
     # Records past the checkpoint are logged again.
     earlier = outputs.metrics.truncate_after(start) if outputs.primary else []
+    if outputs.primary:  # Which code, libraries and machine ran each (re)start.
+        MetricsLog(paths.ckpt_dir, RUNS_FILE).append({"start_step": start,
+                                                      **provenance.describe()})
     wall_before = earlier[-1].get("wall_s", 0.0) if earlier else 0.0  # of the runs resumed
     if states is None:
         g_state, d_state = jax.device_put(create_states(config, keys.init, frequencies),
@@ -189,6 +192,7 @@ class _Actions:
         self.progress, self.evaluator, self.eval_key = progress, evaluator, eval_key
         self.timer = _StepTimer(start, progress)
         self.last_finite = start
+        self.first_call_logged = False
         self.logged: dict[str, float] = {}
 
     def run(self, step: int, due: frozenset[str], g_state: Any, d_state: Any,
@@ -205,13 +209,16 @@ class _Actions:
 
     def log(self, step: int, g_state: Any, metrics: dict[str, jax.Array], evaluate: bool) -> None:
         self.logged = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        bookkeeping = ({} if self.first_call_logged
+                       else {"first_call_s": round(self.timer.first_call_s, 2)})
+        self.first_call_logged = True
         steps_per_s = self.timer.steps_per_s(step)
         if evaluate and self.evaluator is not None:
             self.logged |= during_training(self.evaluator(), self.config,
                                            jax.device_get(g_state.ema_variables), self.eval_key,
                                            self.config.eval_samples)
         self.outputs.log({"step": step, "steps_per_s": steps_per_s,
-                          "wall_s": round(self.wall_s(), 1), **self.logged})
+                          "wall_s": round(self.wall_s(), 1), **bookkeeping, **self.logged})
         self.progress.report(step, steps_per_s, self.logged)
 
     def check_finite(self, step: int, tree: Any) -> None:
