@@ -92,7 +92,8 @@ function describe(info) {
   if (Number.isInteger(info.step)) parts.push(`${NUMBER.format(info.step)} steps`);
   if (typeof info.fd === "number" && typeof info.is === "number") {
     parts.push(`FD ${info.fd.toFixed(2)}`, `IS ${info.is.toFixed(2)}` +
-      (info.eval_samples ? ` (on ${NUMBER.format(info.eval_samples)} digits)` : ""));
+      (info.eval_samples ? ` (on ${NUMBER.format(info.eval_samples)} digits` +
+        (info.space ? `, ${info.space} feature space)` : ")") : ""));
   } else {
     parts.push("FD and IS not measured");
   }
