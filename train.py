@@ -14,7 +14,7 @@ from digitscape_jax import config
 
 def add_config_flags(p: argparse.ArgumentParser) -> None:
     """One flag per Config field, with the field's help and choices; its bounds are Config's to
-    check (`parse_args`). Flags whose field defaults to None (the arch's values) stay None."""
+    check (`parse_args`). Flags whose default is the arch's stay None, for Config to fill in."""
     for flag in config.flags():
         if flag.type is bool:
             p.add_argument(f"--{flag.name}", dest=flag.field, action="store_true", help=flag.help)
@@ -23,7 +23,8 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
             kind = {"choices": flag.choices}
         else:
             kind = {"type": cli.parse_number(flag.type, flag.bound, check=False)}
-        default = None if flag.field == "dtype" else flag.default  # dtype: the platform's
+        # None: the platform's dtype, and the arch of a checkpoint resumed (`parse_args`).
+        default = None if flag.field in ("dtype", "arch") else flag.default
         p.add_argument(f"--{flag.name}", dest=flag.field, default=default, help=flag.help,
                        metavar=None if flag.choices else flag.name.upper().replace("-", "_"),
                        **kind)
@@ -82,11 +83,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.process_id is not None and args.process_id >= args.num_processes:
         p.error(f"--process-id {args.process_id} must be below --num-processes {args.num_processes}")
     args.distributed = args.distributed or args.coordinator is not None
+    if args.arch is None:  # A rerun without --arch resumes whatever arch it trained.
+        args.arch = resumed_arch(args.ckpt_dir)
     try:
         config_from_args(args)
     except config.ConfigError as e:
         p.error(f"argument --{config.flag_name(e.field)}: {e.reason}")
     return args
+
+
+def resumed_arch(ckpt_dir: Path) -> str | None:
+    """The arch of the checkpoints in `ckpt_dir`, or None where it holds none."""
+    if not ckpt_dir.is_dir():
+        return None
+    from digitscape_jax.checkpointing import saved_arch  # loads JAX: only where one may be
+
+    return saved_arch(ckpt_dir)
 
 
 def config_from_args(args: argparse.Namespace, default_dtype: str = "float32") -> config.Config:

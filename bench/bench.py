@@ -60,8 +60,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 
-from digitscape_jax import cli  # (sets our XLA flags, inherited by the workers)
-from digitscape_jax.config import ARCHS, ArchSpec, Config
+from digitscape_jax import cli, provenance, records  # (cli sets our XLA flags, inherited by the workers)
+from digitscape_jax.config import ARCHS, Config, Network
 
 if TYPE_CHECKING:
     import keras
@@ -94,8 +94,8 @@ def generator_inputs(config: Config) -> int:
 
 def generator_macs(config: Config) -> int:
     """Multiply-adds of G's Dense and transposed convolutions for one noise vector."""
-    spec = config.spec
-    c0, (c1, c2) = spec.g_dense_channels, spec.g_conv_channels
+    network = config.network
+    c0, (c1, c2) = network.g_dense_channels, network.g_conv_channels
     pixels_in = SEED_SIZE**2, (2 * SEED_SIZE) ** 2
     return (
         generator_inputs(config) * pixels_in[0] * c0              # Dense
@@ -105,9 +105,9 @@ def generator_macs(config: Config) -> int:
     )
 
 
-def discriminator_macs(spec: ArchSpec) -> int:
+def discriminator_macs(network: Network) -> int:
     """Multiply-adds of D's convolutions and Dense for one image."""
-    d1, d2 = spec.d_channels
+    d1, d2 = network.d_channels
     pixels_out = (IMAGE_SIZE // 2) ** 2, (IMAGE_SIZE // 4) ** 2
     return (
         pixels_out[0] * KERNEL**2 * 1 * d1             # 28x28 -> 14x14
@@ -136,7 +136,7 @@ def step_flops(config: Config, batch: int) -> int:
     as the times do.
     """
     f_g = 2 * generator_macs(config) * batch
-    f_d = 2 * discriminator_macs(config.spec) * 2 * batch
+    f_d = 2 * discriminator_macs(config.network) * 2 * batch
     return 3 * f_g + 7 * f_d // 2
 
 
@@ -245,8 +245,8 @@ def keras_models(config: Config) -> tuple[keras.Model, keras.Model]:
             sigma = keras.ops.norm(keras.ops.matmul(matrix, top))
             return super().convolution_op(inputs, kernel / sigma)
 
-    spec = config.spec
-    c0, (c1, c2) = spec.g_dense_channels, spec.g_conv_channels
+    network = config.network
+    c0, (c1, c2) = network.g_dense_channels, network.g_conv_channels
     g_body = keras.Sequential([
         keras.Input((generator_inputs(config),)),
         layers.Dense(SEED_SIZE * SEED_SIZE * c0, use_bias=False), *batch_norm_leaky(),
@@ -257,7 +257,7 @@ def keras_models(config: Config) -> tuple[keras.Model, keras.Model]:
     ])
     d_conv = SpectrallyNormalisedConv2D if config.spectral_norm == "convs" else layers.Conv2D
     d_layers: list[keras.Layer] = []
-    for channels in spec.d_channels:
+    for channels in network.d_channels:
         d_layers += [d_conv(channels, KERNEL, strides=2, padding="same"),
                      layers.LeakyReLU(negative_slope=LEAKY_SLOPE)]
         d_layers += [layers.Dropout(config.d_dropout)] if config.d_dropout else []
@@ -291,7 +291,7 @@ def build_tf(arch: str, batch: int) -> Built:
     tf.config.set_visible_devices([], "GPU")
     keras.utils.set_random_seed(0)
     config = peer_recipe(arch)
-    spec = config.spec
+    network = config.network
     generator, discriminator = keras_models(config)
     def decayed(lr: float) -> Any:  # --lr-half-life: halving every half-life steps, smoothly
         if not config.lr_half_life:
@@ -303,7 +303,7 @@ def build_tf(arch: str, batch: int) -> Built:
                     for lr in (config.learning_rate, config.learning_rate * config.d_lr_scale))
     g_opt.build(generator.trainable_variables)
     d_opt.build(discriminator.trainable_variables)
-    sample_noise = tf.random.uniform if spec.noise == "uniform" else tf.random.normal
+    sample_noise = tf.random.uniform if network.noise == "uniform" else tf.random.normal
     images = tf.constant(fixed_images(batch))
     labels, fake_labels = (None if classes is None else tf.constant(classes)
                            for classes in (fixed_labels(batch, config),
@@ -373,8 +373,8 @@ def torch_models(config: Config) -> tuple[torch.nn.Module, torch.nn.Module]:
         return nn.ConvTranspose2d(c_in, c_out, kernel, stride, padding=kernel // 2,
                                   output_padding=stride - 1, bias=False)
 
-    spec = config.spec
-    c0, (c1, c2) = spec.g_dense_channels, spec.g_conv_channels
+    network = config.network
+    c0, (c1, c2) = network.g_dense_channels, network.g_conv_channels
     generator = nn.Sequential(
         nn.Linear(generator_inputs(config), SEED_SIZE * SEED_SIZE * c0, bias=False),
         *batch_norm_leaky(SEED_SIZE * SEED_SIZE * c0, nn.BatchNorm1d),
@@ -383,7 +383,7 @@ def torch_models(config: Config) -> tuple[torch.nn.Module, torch.nn.Module]:
         conv_transpose(c1, c2, 2), *batch_norm_leaky(c2),
         conv_transpose(c2, 1, 2), nn.Tanh(),
     )
-    d1, d2 = spec.d_channels
+    d1, d2 = network.d_channels
     dropped = [nn.Dropout(config.d_dropout)] if config.d_dropout else []
     d_features = nn.Sequential(
         nn.Conv2d(1, d1, KERNEL, 2, padding=KERNEL // 2), nn.LeakyReLU(LEAKY_SLOPE), *dropped,
@@ -449,7 +449,7 @@ def build_torch(arch: str, batch: int, gpu: bool, threads: int, compile_models: 
         raise SystemExit("torch sees no CUDA device")
     device = torch.device("cuda" if gpu else "cpu")
     config = peer_recipe(arch)
-    spec = config.spec
+    network = config.network
     generator, discriminator = (model.to(device) for model in torch_models(config))
     g_params, d_params = list(generator.parameters()), list(discriminator.parameters())
     g_opt, d_opt = (torch.optim.Adam(params, lr, (config.beta1, config.beta2), eps=ADAM_EPSILON)
@@ -462,7 +462,7 @@ def build_torch(arch: str, batch: int, gpu: bool, threads: int, compile_models: 
         # The d_loss gradient retains the graph: compiled backwards must not donate buffers.
         torch._functorch.config.donated_buffer = False
         generator, discriminator = torch.compile(generator), torch.compile(discriminator)
-    sample_noise = torch.rand if spec.noise == "uniform" else torch.randn
+    sample_noise = torch.rand if network.noise == "uniform" else torch.randn
     images = torch.from_numpy(fixed_images(batch)).permute(0, 3, 1, 2).contiguous().to(device)
     labelled, fake_labelled = (
         () if classes is None else (torch.from_numpy(classes).long().to(device),)
@@ -599,24 +599,11 @@ def benchmark(args: argparse.Namespace, frameworks: Sequence[str]) -> list[dict[
     return rows
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def machine() -> dict[str, Any]:
-    return {
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "load_1min": os.getloadavg()[0],  # Other processes' share of the cores shows here.
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
+    """The code's machine (`provenance.machine`: CPU model, cores, instruction set), with the
+    load from other processes and the Python version."""
+    return {**provenance.machine(), "load_1min": os.getloadavg()[0],
+            "python": platform.python_version()}
 
 
 def format_table(rows: list[dict[str, Any]], gpu: bool) -> str:
@@ -644,9 +631,10 @@ def report(args: argparse.Namespace, rows: list[dict[str, Any]], notes: list[str
     versions = {r["framework"]: f"{r['version']} ({r['device']})" for r in rows}
     work = ", ".join(f"{a} b{b}: {step_flops(Config(arch=a), b) / 1e9:.2f}"
                      for a in args.archs for b in args.batches)
+    cpu = info["cpu"]
     lines = [
-        f"machine: {info['cpu']}, {info['cores']} cores, load {info['load_1min']:.1f} "
-        f"(1 min); python {info['python']}",
+        f"machine: {cpu['model']} ({cpu['instruction_set']}), {cpu['cores']} cores, load "
+        f"{info['load_1min']:.1f} (1 min); python {info['python']}",
         "versions: " + ", ".join(f"{fw} {v}" for fw, v in versions.items()),
         f"GFLOP per step (bench.step_flops): {work}",
         f"{args.rounds} round(s) x {args.steps} timed step(s) after {args.warmup} warmup "
@@ -658,9 +646,9 @@ def report(args: argparse.Namespace, rows: list[dict[str, Any]], notes: list[str
     return "\n".join(lines + [f"note: {n}" for n in notes])
 
 
-def write_json(target: str, args: argparse.Namespace, rows: list[dict[str, Any]],
-               notes: list[str]) -> None:
-    document = {
+def results(args: argparse.Namespace, rows: list[dict[str, Any]],
+            notes: list[str]) -> dict[str, Any]:
+    return {
         "machine": machine(),
         "settings": {k: getattr(args, k) for k in
                      ("archs", "batches", "frameworks", "rounds", "steps", "warmup", "device",
@@ -670,11 +658,24 @@ def write_json(target: str, args: argparse.Namespace, rows: list[dict[str, Any]]
         "results": rows,
         "notes": notes,
     }
-    text = json.dumps(document, indent=2)
-    if target == "-":
-        print(text)
-    else:
-        Path(target).write_text(text + "\n")
+
+
+def command(argv: Sequence[str]) -> str:
+    """The command line that repeats this run, less where it writes."""
+    words, skip = [], False
+    for word in argv:
+        if skip or word in ("--json", "--record"):
+            skip = word in ("--json", "--record")
+            continue
+        words.append(word)
+    return " ".join(["python bench/bench.py", *words, "--record docs/results/"])
+
+
+def record(args: argparse.Namespace, document: dict[str, Any], argv: Sequence[str]) -> Path:
+    """Writes the run as a result record, `bench-<device>-<instruction set>.json`."""
+    isa = document["machine"]["cpu"]["instruction_set"]
+    name = f"bench-{args.device}-{isa.lower().replace('-', '')}"
+    return records.write(args.record, records.make("bench", name, command(argv), document))
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -698,6 +699,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
                    help="also write the results as JSON to FILE, or to stdout without FILE "
                         "(the table then goes to stderr)")
+    p.add_argument("--record", type=Path, default=None, metavar="DIR",
+                   help="also write a result record to DIR (docs/results/ holds the one the "
+                        "docs show): the results with the code, libraries and machine")
     p.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
     p.add_argument("--arch", choices=sorted(ARCHS), default="seed", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=cli.positive_int, default=64, help=argparse.SUPPRESS)
@@ -722,8 +726,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = benchmark(args, frameworks)
     table = report(args, rows, notes)
     print(table, file=sys.stderr if args.json == "-" else sys.stdout)
-    if args.json:
-        write_json(args.json, args, rows, notes)
+    document = results(args, rows, notes)
+    if args.json == "-":
+        print(json.dumps(document, indent=2))
+    elif args.json:
+        Path(args.json).write_text(json.dumps(document, indent=2) + "\n")
+    if args.record:
+        print(f"record -> {record(args, document, argv if argv is not None else sys.argv[1:])}",
+              file=sys.stderr if args.json == "-" else sys.stdout)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 from digitscape_jax import cli
-from digitscape_jax.config import ARCHS
+from digitscape_jax.config import ARCHS, Config
 
 VARIANTS = {
     "plain (tf.data stream)": [],
@@ -89,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     plain = statistics.median(speeds["plain (tf.data stream)"])
     rows = [{"variant": name, "steps_per_s": statistics.median(v),
              "vs_plain": statistics.median(v) / plain, "runs": v} for name, v in speeds.items()]
-    batch = args.batch_size or ARCHS[args.arch].batch_size
+    batch = args.batch_size or Config(arch=args.arch).batch_size
     print(f"{args.arch} batch {batch}, {args.steps} steps per run, {args.rounds} round(s)\n")
     print(f"{'variant':<40} {'steps/s':>8} {'vs plain':>9}")
     for row in rows:

@@ -2,9 +2,11 @@
 
     python demo/build_model.py --ckpt CKPT --mnist-idx DIR --screenshot docs/demo.png
 
-It measures G as `python -m digitscape_jax.evaluate` does (FD and IS of 10,000 digits; label
-accuracy if conditional), then writes demo/model/generator.onnx as `sample.py --export-onnx`
-does, and demo/model/generator.json: the description that export writes, plus those numbers.
+It measures G as `python -m digitscape_jax.evaluate` does (FD and IS of 10,000 digits in the
+held-out feature space, the figures this project states; label accuracy if conditional), then
+writes demo/model/generator.onnx as `sample.py --export-onnx` does, demo/model/generator.json:
+the description that export writes, plus those numbers, and demo/model/generator.msgpack, the
+same generator for `sample.py --ckpt` (as `sample.py --export` writes it).
 With --screenshot, it also photographs the page running the new model, in headless Chromium.
 """
 
@@ -77,9 +79,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                        *(["--data-dir", args.data_dir] if args.data_dir else [])])
         quality = json.loads(numbers.read_text())
     sample.main([*source, "--export-onnx", str(args.out)])
+    sample.main([*source, "--export", str(args.out.with_suffix(".msgpack"))])
     description = args.out.with_suffix(".json")
     info = json.loads(description.read_text())
-    info.update({"fd": quality["fd"], "is": quality["inception_score"],
+    selection, held_out = quality["spaces"]["selection"], quality["spaces"]["held_out"]
+    info.update({"fd": held_out["fd"], "is": held_out["inception_score"],
+                 "space": "held-out", "fd_selection": selection["fd"],
                  "eval_samples": quality["n"]})
     if "label_accuracy" in quality:
         info["label_accuracy"] = quality["label_accuracy"]

@@ -17,10 +17,11 @@ from typing import Any, TextIO, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax.training import train_state
 
 from digitscape_jax import parallel
-from digitscape_jax.config import Config
+from digitscape_jax.config import ARCHS, Config
 from digitscape_jax.errors import CorruptCheckpoint, UserError
 from digitscape_jax.steps import GeneratorState
 
@@ -66,6 +67,25 @@ def _is_machine_failure(error: Exception) -> bool:
     a filesystem that did not answer. Such a checkpoint must never be set aside as corrupt."""
     return (isinstance(error, MACHINE_FAILURES)
             or any(status in str(error) for status in MACHINE_STATUSES))
+
+
+def saved_arch(directory: str | Path) -> str | None:
+    """The arch that the newest checkpoint in `directory` with a readable config names, or
+    None where there is none.
+
+    Read without a CheckpointManager, which starts JAX's backend: train.py asks before a
+    multi-process run joins its cluster, which must come first. An unreadable config is
+    passed over here: resuming reports it.
+    """
+    for step in sorted(ocp.path.step.checkpoint_steps(directory), reverse=True):
+        try:
+            config = ocp.JsonCheckpointHandler().restore(  # `save`'s config item
+                epath.Path(directory) / str(step) / "config")
+        except (OSError, ValueError):  # ValueError: not JSON, or not text
+            continue
+        if isinstance(config, dict) and config.get("arch") in ARCHS:
+            return config["arch"]
+    return None
 
 
 class Checkpointer:

@@ -1,10 +1,11 @@
-"""The one configuration object of a run, and the architectures it can name.
+"""The one configuration object of a run, and the named presets `--arch` offers.
 
-Each field of `Config` declares its help, bounds and choices once (`setting`):
-train.py builds its flags from them, and `Config` checks the bounds, so adding a
-hyperparameter is one edit here plus where it is used. The config is saved as
-JSON inside every checkpoint, so that `sample.py --ckpt` rebuilds the exact
-generator from the checkpoint directory alone.
+Each field of `Config` declares its default, help, bounds or choices, role and what old
+checkpoints without it read as once (`setting`): train.py builds its flags from them, and
+`Config` checks the bounds, so adding a hyperparameter is one edit here plus where it is used.
+A preset (`ARCHS`) is a network and the settings in which its recipe differs from those
+defaults. The config is saved as JSON inside every checkpoint, so that `sample.py --ckpt`
+rebuilds the exact generator from the checkpoint directory alone.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import dataclasses
 import json
 import math
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Literal
 
 from digitscape_jax.errors import UserError
@@ -30,61 +31,67 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
-class ArchSpec:
-    """Widths and training recipe of one DCGAN variant.
+class Network:
+    """The widths and noise of G and D, which no flag sets.
 
-    The generator maps noise to a 7x7 map with `g_dense_channels` channels, then runs
+    The generator maps `noise` to a 7x7 map with `g_dense_channels` channels, then runs
     transposed convolutions with `g_conv_channels` (strides 1, 2; the first with a
-    `g_first_kernel` square kernel, the others 5x5) and a final stride-2 one to a single
-    channel. The discriminator has one stride-2 convolution per entry of `d_channels`. The
-    fields from `batch_size` on are the defaults of the Config fields of the same names.
+    `Config.g_first_kernel` square kernel, the others 5x5) and a final stride-2 one to a single
+    channel. The discriminator has one stride-2 convolution per entry of `d_channels`.
     """
 
     g_dense_channels: int
     g_conv_channels: tuple[int, int]
     d_channels: tuple[int, int]
     noise: NoiseKind
-    batch_size: int
-    learning_rate: float  # Adam's, for G; D's is d_lr_scale times this
-    beta1: float
-    beta2: float = 0.999
-    d_lr_scale: float = 1.0
-    loss: str = "bce"
-    r1_gamma: float = 0.0
-    r1_every: int = 4
-    d_dropout: float = 0.3
-    translate: int = 0
-    mode_seeking: float = 0.0
-    conditional_mode_seeking: float | None = None  # mode_seeking with --conditional, if other
-    clusters: int = 0
-    cluster_features: str = "pixels"
-    lr_half_life: int = 0
-    minibatch_std: int = 0
-    spectral_norm: str = "none"
-    g_first_kernel: int = 5
+
+    def describe(self) -> str:
+        """The widths and noise in a few words, for --arch's help: "G 8/8/16, D 16/32, ..."."""
+        widths = (self.g_dense_channels, *self.g_conv_channels)
+        noise = {"uniform": "U[0,1)", "normal": "N(0,1)"}[self.noise]
+        return (f"G {'/'.join(map(str, widths))}, D {'/'.join(map(str, self.d_channels))}, "
+                f"{noise} noise")
 
 
-ARCHS: dict[str, ArchSpec] = {
-    # The original Keras "Digitscape" model.
-    "seed": ArchSpec(8, (8, 16), (16, 32), noise="uniform", batch_size=64, learning_rate=1e-4,
-                     beta1=0.9),
-    # The same network at the widths of the TensorFlow DCGAN tutorial, with the DCGAN
-    # paper's Adam: it learned far faster than 1e-4 / 0.9 here (docs/quality.md).
-    "dcgan": ArchSpec(256, (128, 64), (64, 128), noise="normal", batch_size=256,
-                      learning_rate=2e-4, beta1=0.5),
-    # dcgan at half its widths and a quarter of its batch, with the same recipe: about 8x
-    # fewer FLOPs per digit, and better digits per CPU-minute (docs/quality.md).
-    "small": ArchSpec(128, (64, 32), (32, 64), noise="normal", batch_size=64,
-                      learning_rate=2e-4, beta1=0.5),
-    # small, self-conditioned on 300 clusters of the digits' shapes, without dropout in D,
-    # at a higher learning rate that halves every 6,000 steps, with the mode-seeking term
-    # (at half the weight with labels, which measured worse at 0.2 and 0.3), D's kernels
-    # spectrally normalised, and a 3x3 kernel on G's 7x7 map (as good digits with two thirds
-    # of the FLOPs): the levers that measured best per CPU-minute (docs/quality.md).
-    "fast": ArchSpec(128, (64, 32), (32, 64), noise="normal", batch_size=64,
-                     learning_rate=5e-4, beta1=0.5, d_dropout=0.0, clusters=300,
-                     cluster_features="normalised", lr_half_life=6000, mode_seeking=0.2,
-                     conditional_mode_seeking=0.1, spectral_norm="convs", g_first_kernel=3),
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """What `--arch` names: a network, the settings in which its recipe differs from the base
+    recipe (each Config field's declared default), and `labelled`, those that differ again
+    with --conditional. `about` says what it is, for --arch's help."""
+
+    about: str
+    network: Network
+    recipe: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    labelled: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def defaults(self, conditional: bool) -> dict[str, Any]:
+        """Every setting's default under this preset, with or without --conditional."""
+        return {**base_recipe(), **self.recipe, **(self.labelled if conditional else {})}
+
+
+SMALL_NETWORK = Network(128, (64, 32), (32, 64), noise="normal")
+
+# The base recipe is the original Keras model's, so `seed` changes none of it.
+ARCHS: dict[str, Preset] = {
+    "seed": Preset("the original Keras model", Network(8, (8, 16), (16, 32), noise="uniform")),
+    # The DCGAN paper's Adam learned far faster than 1e-4 / 0.9 here (docs/quality.md).
+    "dcgan": Preset("the TensorFlow DCGAN tutorial's widths, with the DCGAN paper's Adam",
+                    Network(256, (128, 64), (64, 128), noise="normal"),
+                    dict(batch_size=256, learning_rate=2e-4, beta1=0.5)),
+    # About 8x fewer FLOPs per digit than dcgan, and better digits per CPU-minute.
+    "small": Preset("dcgan at half its widths and a quarter of its batch", SMALL_NETWORK,
+                    dict(learning_rate=2e-4, beta1=0.5)),
+    # The levers that measured best per CPU-minute (docs/quality.md): self-conditioning on
+    # clusters of the digits' shapes, no dropout in D, a higher learning rate that halves,
+    # mode seeking (at half the weight with labels, which measured worse at 0.2 and 0.3), D's
+    # kernels spectrally normalised, and a 3x3 kernel on G's 7x7 map (as good digits with two
+    # thirds of the FLOPs). With labels, the clusters are within each digit: none by default.
+    "fast": Preset("small with the levers that measured best per CPU-minute",
+                   SMALL_NETWORK,
+                   dict(learning_rate=5e-4, beta1=0.5, d_dropout=0.0, clusters=300,
+                        cluster_features="normalised", lr_half_life=6000, mode_seeking=0.2,
+                        spectral_norm="convs", g_first_kernel=3),
+                   labelled=dict(clusters=0, mode_seeking=0.1)),
 }
 
 DEFAULT_ARCH = "fast"
@@ -136,22 +143,20 @@ def at_least(minimum: int) -> Bound:
 Role = Literal["model", "recipe", "schedule"]
 
 
-def setting(default: Any, help: str, *, bound: Bound | None = None,
+def setting(default: Any, help: str | Callable[[], str], *, bound: Bound | None = None,
             choices: Callable[[], list[str]] | None = None, role: Role = "recipe",
-            flag: str | None = None) -> Any:
-    """A Config field with its help, bounds or choices, role and flag name (default: the
-    field's name with dashes), declared once for the flags, the checks and the docs."""
-    return dataclasses.field(default=default, metadata={
-        "help": help, "bound": bound, "choices": choices, "role": role, "flag": flag})
+            flag: str | None = None, backfill: Any = dataclasses.MISSING) -> Any:
+    """A Config field, declared once for the flags, the checks and the docs: its default (the
+    base recipe's, which a preset may change), help (or a function that writes it), bounds or
+    choices, role, flag name (default: the field's name with dashes), and `backfill`, what a
+    saved config without the field reads as (what every run trained with before the field
+    existed, whatever the defaults have become since; unset: the field was always saved).
 
-
-def arch_setting(name: str, help: str, **kwargs: Any) -> Any:
-    """A field that defaults to the arch's value (`ArchSpec.<name>`), which its help lists for
-    each arch."""
-    defaults = ", ".join(
-        f"{arch} {value:g}" if isinstance(value := getattr(spec, name), float | int)
-        else f"{arch} {value}" for arch, spec in ARCHS.items())
-    return setting(None, f"{help}; default: the arch's ({defaults})", **kwargs)
+    The field itself defaults to None, "not given": Config fills it in from the arch.
+    """
+    return dataclasses.field(default=None, metadata={
+        "default": default, "help": help, "bound": bound, "choices": choices, "role": role,
+        "flag": flag, "backfill": backfill})
 
 
 class ConfigError(UserError):
@@ -162,84 +167,87 @@ class ConfigError(UserError):
         self.field, self.reason = field, reason
 
 
+def arch_help() -> str:
+    """--arch's help: each preset, its network and the flags it changes, from `ARCHS`."""
+    def describe(name: str, preset: Preset) -> str:
+        changes = f"; {as_flags(preset.recipe)}" if preset.recipe else ""
+        labelled = f"; with --conditional: {as_flags(preset.labelled)}" if preset.labelled else ""
+        return f"'{name}': {preset.about} ({preset.network.describe()}{changes}{labelled})"
+
+    presets = "; ".join(describe(name, preset) for name, preset in ARCHS.items())
+    return (f"the network and recipe: {presets}; train.py's default: the arch of the checkpoint "
+            f"it resumes, else {DEFAULT_ARCH}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Everything that defines a training run.
 
-    Fields left as None take the arch's values (`ArchSpec`), so `Config(arch="seed")`
-    is the original's run; after construction they always hold values.
+    A field left as None takes its arch's value (`ARCHS`), else its declared default, so
+    `Config(arch="seed")` is the original's run; after construction every field holds a value.
     """
 
     steps: int = setting(20_000, "total number of updates (of both G and D) to train to",
                          bound=POSITIVE, role="schedule")
-    arch: str = setting(DEFAULT_ARCH, "'fast': small with a 3x3 first kernel in G, "
-                        "self-conditioned on 300 clusters of shapes, without dropout, with D's "
-                        "convolutions spectrally normalised, at lr 5e-4 halving every 6,000 "
-                        "steps, with mode seeking 0.2 (0.1 with --conditional); 'seed': the "
-                        "original Keras model (widths 8/8/16, D 16/32, U[0,1) noise); 'dcgan': "
-                        "the TensorFlow tutorial widths (256/128/64, D 64/128, N(0,1) noise); "
-                        "'small': dcgan at half those widths, batch 64",
-                        choices=lambda: sorted(ARCHS), role="model")
+    arch: str = setting(DEFAULT_ARCH, arch_help, choices=lambda: sorted(ARCHS), role="model")
     conditional: bool = setting(False, "train on the labels too, so that `sample.py --digit 7` "
                                 "draws 7s: G embeds the label (with --clusters, the digit's "
                                 "cluster) beside the noise, D projects it onto its features",
                                 role="model")
-    clusters: int | None = arch_setting(
-        "clusters", "condition G and D on this many k-means clusters of the training digits "
+    clusters: int = setting(
+        0, "condition G and D on this many k-means clusters of the training digits "
         "(--cluster-features), found without labels, G drawing the cluster from its noise (a "
         "self-conditioned GAN; 0: none); with --conditional, this many clusters within each "
-        "digit, G drawing one of the asked-for digit's (default 0 there: the labels alone)",
-        bound=OFF_OR_AT_LEAST_2, role="model")
-    cluster_features: str | None = arch_setting(
-        "cluster_features", "what --clusters' k-means compares: 'pixels', 2x2-averaged; "
-        "'normalised', those centred and scaled to unit length per digit, so that digits "
-        "group by shape, not by how much ink they hold", choices=lambda: list(CLUSTER_FEATURES),
-        role="model")
-    batch_size: int | None = arch_setting("batch_size", "images per update", bound=POSITIVE)
-    learning_rate: float | None = arch_setting(
-        "learning_rate", "Adam learning rate of G (and of D, times --d-lr-scale)",
-        bound=POSITIVE_FINITE, flag="lr")
-    lr_half_life: int | None = arch_setting(
-        "lr_half_life", "steps over which both learning rates halve, smoothly (an exponential "
-        "decay from step 0; 0: constant)", bound=NON_NEGATIVE)
-    beta1: float | None = arch_setting("beta1", "Adam beta1", bound=UNIT_INTERVAL)
-    beta2: float | None = arch_setting("beta2", "Adam beta2", bound=UNIT_INTERVAL)
-    d_lr_scale: float | None = arch_setting(
-        "d_lr_scale", "D's Adam learning rate as a multiple of --lr (the two time-scale update "
-        "rule)", bound=POSITIVE_FINITE)
-    loss: str | None = arch_setting(
-        "loss", "'bce': non-saturating binary cross-entropy; 'hinge': hinge loss for D, "
-        "-D(G(z)) for G", choices=lambda: list(LOSSES))
-    r1_gamma: float | None = arch_setting(
-        "r1_gamma", "weight of the R1 penalty, gamma/2 times D's squared gradient norm on real "
-        "digits (0: none)", bound=NON_NEGATIVE_FINITE)
-    r1_every: int | None = arch_setting(
-        "r1_every", "steps between R1 penalties (lazy regularisation, weighted by this to match "
-        "an every-step penalty)", bound=POSITIVE)
-    d_dropout: float | None = arch_setting(
-        "d_dropout", "dropout rate after each of D's convolutions", bound=UNIT_INTERVAL)
-    translate: int | None = arch_setting(
-        "translate", "shift every digit D sees, real and fake, by up to this many pixels each "
-        "way (DiffAugment's translation; 0: none)", bound=NON_NEGATIVE)
-    mode_seeking: float | None = arch_setting(
-        "mode_seeking", "weight of the mode-seeking term in G's loss (Mao et al., 2019): the "
-        "inverse of how far apart two fakes of the same class are, per unit of distance "
-        "between their noises, over pairs of the batch's halves; it keeps G from drawing one "
-        "style per class (0: none; fast takes 0.1 with --conditional)",
-        bound=NON_NEGATIVE_FINITE)
-    minibatch_std: int | None = arch_setting(
-        "minibatch_std", "give D a feature of how much its batch varies: the standard "
-        "deviation over each group of this many consecutive digits, averaged over D's last "
-        "features and appended to them (Karras et al., 2018), so that D can tell a batch of "
-        "too-alike fakes (0: none)", bound=OFF_OR_AT_LEAST_2, role="model")
-    spectral_norm: str | None = arch_setting(
-        "spectral_norm", "spectral normalisation in D (Miyato et al., 2018): 'convs' divides "
-        "each of D's convolution kernels by its largest singular value, computed exactly at "
-        "every step; 'none': no normalisation", choices=lambda: list(SPECTRAL_NORMS))
-    g_first_kernel: int | None = arch_setting(
-        "g_first_kernel", "side of the square kernel of G's first transposed convolution, on "
-        "its 7x7 map (odd, so that 'SAME' padding is symmetric; the later ones are 5x5)",
-        bound=POSITIVE_ODD, role="model")
+        "digit, G drawing one of the asked-for digit's", bound=OFF_OR_AT_LEAST_2, role="model",
+        backfill=0)
+    cluster_features: str = setting(
+        "pixels", "what --clusters' k-means compares: 'pixels', 2x2-averaged; 'normalised', "
+        "those centred and scaled to unit length per digit, so that digits group by shape, not "
+        "by how much ink they hold", choices=lambda: list(CLUSTER_FEATURES), role="model",
+        backfill="pixels")
+    batch_size: int = setting(64, "images per update", bound=POSITIVE)
+    learning_rate: float = setting(1e-4, "Adam learning rate of G (and of D, times "
+                                   "--d-lr-scale)", bound=POSITIVE_FINITE, flag="lr")
+    lr_half_life: int = setting(
+        0, "steps over which both learning rates halve, smoothly (an exponential decay from "
+        "step 0; 0: constant)", bound=NON_NEGATIVE, backfill=0)
+    beta1: float = setting(0.9, "Adam beta1", bound=UNIT_INTERVAL)
+    beta2: float = setting(0.999, "Adam beta2", bound=UNIT_INTERVAL)
+    d_lr_scale: float = setting(
+        1.0, "D's Adam learning rate as a multiple of --lr (the two time-scale update rule)",
+        bound=POSITIVE_FINITE, backfill=1.0)
+    loss: str = setting(
+        "bce", "'bce': non-saturating binary cross-entropy; 'hinge': hinge loss for D, -D(G(z)) "
+        "for G", choices=lambda: list(LOSSES), backfill="bce")
+    r1_gamma: float = setting(
+        0.0, "weight of the R1 penalty, gamma/2 times D's squared gradient norm on real digits "
+        "(0: none)", bound=NON_NEGATIVE_FINITE, backfill=0.0)
+    r1_every: int = setting(
+        4, "steps between R1 penalties (lazy regularisation, weighted by this to match an "
+        "every-step penalty)", bound=POSITIVE, backfill=4)
+    d_dropout: float = setting(0.3, "dropout rate after each of D's convolutions",
+                               bound=UNIT_INTERVAL, backfill=0.3)
+    translate: int = setting(
+        0, "shift every digit D sees, real and fake, by up to this many pixels each way "
+        "(DiffAugment's translation; 0: none)", bound=NON_NEGATIVE, backfill=0)
+    mode_seeking: float = setting(
+        0.0, "weight of the mode-seeking term in G's loss (Mao et al., 2019): the inverse of how "
+        "far apart two fakes of the same class are, per unit of distance between their noises, "
+        "over pairs of the batch's halves; it keeps G from drawing one style per class (0: "
+        "none)", bound=NON_NEGATIVE_FINITE, backfill=0.0)
+    minibatch_std: int = setting(
+        0, "give D a feature of how much its batch varies: the standard deviation over each "
+        "group of this many consecutive digits, averaged over D's last features and appended "
+        "to them (Karras et al., 2018), so that D can tell a batch of too-alike fakes (0: none)",
+        bound=OFF_OR_AT_LEAST_2, role="model", backfill=0)
+    spectral_norm: str = setting(
+        "none", "spectral normalisation in D (Miyato et al., 2018): 'convs' divides each of D's "
+        "convolution kernels by its largest singular value, computed exactly at every step; "
+        "'none': no normalisation", choices=lambda: list(SPECTRAL_NORMS), backfill="none")
+    g_first_kernel: int = setting(
+        5, "side of the square kernel of G's first transposed convolution, on its 7x7 map (odd, "
+        "so that 'SAME' padding is symmetric; the later ones are 5x5)", bound=POSITIVE_ODD,
+        role="model", backfill=5)
     ema_decay: float = setting(0.999, "decay of the moving average of G's weights that sampling "
                                "uses (0: no averaging)", bound=UNIT_INTERVAL)
     latent_dim: int = setting(100, "size of the generator's noise input", bound=POSITIVE,
@@ -272,16 +280,10 @@ class Config:
                                    role="schedule")
 
     def __post_init__(self) -> None:
+        self._fill(base_recipe(), ("arch", "conditional"))  # what the arch's defaults depend on
         if self.arch not in ARCHS:
             raise ConfigError("arch", f"unknown arch {self.arch!r}; choose one of {sorted(ARCHS)}")
-        if self.conditional and self.clusters is None:
-            object.__setattr__(self, "clusters", 0)
-        if (self.conditional and self.mode_seeking is None
-                and self.spec.conditional_mode_seeking is not None):
-            object.__setattr__(self, "mode_seeking", self.spec.conditional_mode_seeking)
-        for field in dataclasses.fields(self):
-            if getattr(self, field.name) is None:
-                object.__setattr__(self, field.name, getattr(self.spec, field.name))
+        self._fill(ARCHS[self.arch].defaults(self.conditional))
         for field in dataclasses.fields(self):
             value, bound, choices = (getattr(self, field.name), field.metadata["bound"],
                                      field.metadata["choices"])
@@ -299,9 +301,16 @@ class Config:
             raise ConfigError("latent_dim", f"must be at least 2 with --clusters, got "
                               f"{self.latent_dim}")
 
+    def _fill(self, defaults: Mapping[str, Any], names: Iterable[str] | None = None) -> None:
+        """Sets the fields not given (None) among `names` (default: all of `defaults`') to
+        their `defaults`."""
+        for name in defaults if names is None else names:
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, defaults[name])
+
     @property
-    def spec(self) -> ArchSpec:
-        return ARCHS[self.arch]
+    def network(self) -> Network:
+        return ARCHS[self.arch].network
 
     @property
     def label_count(self) -> int:
@@ -324,7 +333,7 @@ class Config:
         if not isinstance(data, dict):
             raise UserError(f"config must be a JSON object, got {type(data).__name__}")
         types = field_types()
-        data = {**SETTINGS_BEFORE_THEIR_FIELDS, **data}
+        data = {**backfills(), **data}
         unknown = sorted(set(data) - set(types))
         if unknown:
             raise UserError(f"config has unknown field(s): {', '.join(unknown)}")
@@ -358,24 +367,51 @@ class Config:
 
 
 def field_types() -> dict[str, type]:
-    """Each Config field's value type, without the None that some take as "the arch's"."""
-    hints = typing.get_type_hints(Config)
-    return {name: next(t for t in typing.get_args(hint) or (hint,) if t is not type(None))
-            for name, hint in hints.items()}
+    """Each Config field's value type."""
+    return typing.get_type_hints(Config)
 
 
-# What every run trained with before these fields existed: a checkpoint config that
-# lacks them reads as these values, whatever an arch's defaults have become since.
-SETTINGS_BEFORE_THEIR_FIELDS = {"d_lr_scale": 1.0, "loss": "bce", "r1_gamma": 0.0,
-                                "r1_every": 4, "d_dropout": 0.3, "translate": 0,
-                                "mode_seeking": 0.0, "clusters": 0, "lr_half_life": 0,
-                                "cluster_features": "pixels", "minibatch_std": 0,
-                                "spectral_norm": "none", "g_first_kernel": 5}
+def base_recipe() -> dict[str, Any]:
+    """Each setting's declared default: the recipe that a preset changes."""
+    return {field.name: field.metadata["default"] for field in dataclasses.fields(Config)}
+
+
+def backfills() -> dict[str, Any]:
+    """What a saved config reads as where it lacks a field (`setting`'s `backfill`)."""
+    return {field.name: field.metadata["backfill"] for field in dataclasses.fields(Config)
+            if field.metadata["backfill"] is not dataclasses.MISSING}
+
+
+def show(value: Any) -> str:
+    """A setting's value as a flag takes it: 0.0005, 300, normalised."""
+    return f"{value:g}" if isinstance(value, float | int) else str(value)
+
+
+def as_flags(values: Mapping[str, Any]) -> str:
+    """Settings as the flags that set them: "--lr 0.0005 --clusters 300"."""
+    return " ".join(f"--{flag_name(name)} {show(value)}" for name, value in values.items())
+
+
+def per_arch(values: Mapping[str, Any]) -> str:
+    """Each arch's value of a setting: "seed 0, dcgan 0, small 0, fast 300"."""
+    return ", ".join(f"{arch} {show(value)}" for arch, value in values.items())
+
+
+def arch_defaults(name: str) -> str | None:
+    """Each arch's default of setting `name`, for its help ("seed 0, ..., fast 300; with
+    --conditional: fast 0": those that --conditional changes), or None where all are the same."""
+    plain = {arch: preset.defaults(False)[name] for arch, preset in ARCHS.items()}
+    labelled = {arch: value for arch, preset in ARCHS.items()
+                if (value := preset.defaults(True)[name]) != plain[arch]}
+    if len(set(plain.values())) == 1 and not labelled:
+        return None
+    return per_arch(plain) + (f"; with --conditional: {per_arch(labelled)}" if labelled else "")
 
 
 @dataclasses.dataclass(frozen=True)
 class Flag:
-    """A Config field as a command-line flag."""
+    """A Config field as a command-line flag: its default is None where the arches' differ,
+    and its help then lists them."""
 
     field: str
     name: str  # without the dashes
@@ -391,11 +427,15 @@ def flags() -> Iterator[Flag]:
     types = field_types()
     for field in dataclasses.fields(Config):
         meta = field.metadata
-        yield Flag(field.name, meta["flag"] or field.name.replace("_", "-"), types[field.name],
-                   field.default, meta["help"], meta["bound"],
-                   meta["choices"]() if meta["choices"] else None)
+        help = meta["help"]() if callable(meta["help"]) else meta["help"]
+        by_arch = arch_defaults(field.name)
+        yield Flag(field.name, flag_name(field.name), types[field.name],
+                   None if by_arch else meta["default"],
+                   f"{help}; default: the arch's ({by_arch})" if by_arch else help,
+                   meta["bound"], meta["choices"]() if meta["choices"] else None)
 
 
 def flag_name(field: str) -> str:
     """The command-line flag (without dashes) of a Config field."""
-    return next(f.name for f in flags() if f.field == field)
+    meta = next(f.metadata for f in dataclasses.fields(Config) if f.name == field)
+    return meta["flag"] or field.replace("_", "-")

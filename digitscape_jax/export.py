@@ -42,15 +42,26 @@ def save_msgpack(path: str | Path, config: Config, variables: Any, step: int) ->
     return write_atomically(path, serialization.msgpack_serialize(payload))
 
 
+def not_an_export(path: Path) -> UserError:
+    """The error for a file that `load_msgpack` cannot read, saying what it reads instead."""
+    if path.suffix == ".onnx":
+        return UserError(f"{path} is an ONNX model, for the browser demo (demo/) and "
+                         "onnxruntime; sample.py reads a --ckpt-dir, or the .msgpack that "
+                         "`sample.py --export` writes")
+    return UserError(f"{path} is not a generator export: expected a --ckpt-dir, or a .msgpack "
+                     "written by `sample.py --export`")
+
+
 def load_msgpack(path: str | Path) -> tuple[Config, dict[str, Any], int]:
     """Reads a file written by `save_msgpack`: (config, variables, step), all checked."""
     path = Path(path)
+    data = path.read_bytes()  # outside the try: a file that cannot be read says why
     try:
-        payload = serialization.msgpack_restore(path.read_bytes())
-    except Exception as e:  # msgpack raises several types for damaged data
-        raise UserError(f"{path} is not a generator export: {type(e).__name__}") from None
+        payload = serialization.msgpack_restore(data)
+    except Exception:  # msgpack raises several types for damaged data, none worth showing
+        raise not_an_export(path) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise UserError(f"{path} is not a generator export")
+        raise not_an_export(path)
     if payload.get("version") != VERSION:
         raise UserError(f"{path} is export version {payload.get('version')}; this reads {VERSION}")
     try:
@@ -117,7 +128,7 @@ def onnx_description(config: Config, step: int) -> dict[str, Any]:
     first entry picks a cluster), and which run it comes from."""
     return {"format": "digitscape-onnx", "arch": config.arch, "conditional": config.conditional,
             "clusters": config.clusters, "latent_dim": config.latent_dim,
-            "noise": config.spec.noise, "step": step}
+            "noise": config.network.noise, "step": step}
 
 
 @contextlib.contextmanager

@@ -51,7 +51,7 @@ class MetricsLog:
 DISPLAY = {"d_loss": ("d_loss", "{:.4f}"), "g_loss": ("g_loss", "{:.4f}"),
            "d_real": ("D(x)", "{:.3f}"), "d_fake": ("D(G(z))", "{:.3f}"),
            "r1": ("R1", "{:.4f}"), "fd": ("FD", "{:.2f}"), "is": ("IS", "{:.2f}"),
-           "label_accuracy": ("label acc", "{:.3f}")}
+           "fd_held_out": ("FD held-out", "{:.2f}"), "label_accuracy": ("label acc", "{:.3f}")}
 # Fields of a metrics.jsonl record that are not metrics of the model. wall_s: seconds since
 # the run began (data loading, compilation and evaluations included), over all its resumes;
 # first_call_s, in the first record of each (re)start only: its first call, compilation

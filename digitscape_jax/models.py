@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from digitscape_jax.clusters import cluster_bounds, draw_clusters
-from digitscape_jax.config import ArchSpec, Config, NoiseKind
+from digitscape_jax.config import Config, Network, NoiseKind
 from digitscape_jax.layers import Conv, ConvTranspose, Dropout, glorot_uniform
 
 # Keras defaults that the original model relies on.
@@ -60,7 +60,7 @@ class Generator(nn.Module):
     convolution's kernel (Config.g_first_kernel).
     """
 
-    spec: ArchSpec
+    network: Network
     dtype: Any = jnp.float32
     num_classes: int = 0
     draws_labels: bool = False
@@ -70,13 +70,13 @@ class Generator(nn.Module):
     @nn.compact
     def __call__(self, z: jax.Array, train: bool, labels: jax.Array | None = None,
                  classes: jax.Array | None = None) -> jax.Array:
-        c0 = self.spec.g_dense_channels
-        c1, c2 = self.spec.g_conv_channels
+        c0 = self.network.g_dense_channels
+        c1, c2 = self.network.g_conv_channels
         dtype = self.dtype
         if self.draws_labels:
             shape = self._cluster_shape()
             bounds = self.variable("constants", "cluster_bounds", lambda: cluster_bounds(
-                jnp.full(shape, 1.0 / shape[-1]), self.spec.noise))
+                jnp.full(shape, 1.0 / shape[-1]), self.network.noise))
             if classes is None and self.clusters_per_label:
                 classes = (labels * self.clusters_per_label
                            + draw_clusters(z[:, 0], jnp.take(bounds.value, labels, axis=0)))
@@ -134,7 +134,7 @@ class Discriminator(nn.Module):
     `spectral_norm` divides each convolution's kernel by its largest singular value.
     """
 
-    spec: ArchSpec
+    network: Network
     dtype: Any = jnp.float32
     num_classes: int = 0
     dropout_rate: float = 0.3  # Keras Digitscape's
@@ -143,7 +143,7 @@ class Discriminator(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool, labels: jax.Array | None = None) -> jax.Array:
-        for channels in self.spec.d_channels:
+        for channels in self.network.d_channels:
             x = Conv(channels, strides=2, dtype=self.dtype, spectral_norm=self.spectral_norm)(x)
             x = leaky_relu(x)
             if self.dropout_rate:
@@ -162,8 +162,8 @@ def networks(config: Config, dtype: Any = jnp.float32) -> tuple[Generator, Discr
     """G and D of `config`'s arch, conditioned on labels or clusters when it says so,
     computing in `dtype`."""
     classes = config.label_count
-    return (Generator(config.spec, dtype, classes, draws_labels=config.clusters > 0,
+    return (Generator(config.network, dtype, classes, draws_labels=config.clusters > 0,
                       clusters_per_label=config.clusters if config.conditional else 0,
                       first_kernel=config.g_first_kernel),
-            Discriminator(config.spec, dtype, classes, config.d_dropout, config.minibatch_std,
+            Discriminator(config.network, dtype, classes, config.d_dropout, config.minibatch_std,
                           spectral_norm=config.spectral_norm == "convs"))

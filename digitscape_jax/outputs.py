@@ -68,7 +68,7 @@ class RunOutputs:
         # A conditional row of 10 counts 0 to 9; any other G draws from its noise alone (a
         # self-conditioned one, its clusters too).
         self.fixed_noise, self.fixed_labels = jax.device_put(
-            (sample_noise(sample_key, config.spec.noise, (n, config.latent_dim)),
+            (sample_noise(sample_key, config.network.noise, (n, config.latent_dim)),
              jnp.arange(n) % NUM_CLASSES if config.conditional else None), sharding)
         self.metrics = MetricsLog(paths.ckpt_dir)
         self.tensorboard = (TensorBoardLog(paths.ckpt_dir / TENSORBOARD_DIR)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +34,33 @@ def render(generator: Generator, variables: Mapping[str, Any], noise: jax.Array,
     return to_uint8(generator.apply(variables, noise, train=False, labels=labels))
 
 
+# How many of each digit the MNIST test set holds: the class mix that a conditional generator
+# is asked for when its digits are compared with the test set (`class_labels`' `mix`).
+MNIST_TEST_CLASS_COUNTS = (980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009)
+
+
+def proportional_counts(n: int, mix: Sequence[float]) -> np.ndarray:
+    """n split into len(mix) whole counts proportional to `mix` (largest remainders, ties to
+    the lower class): each count is the floor or the ceiling of its exact share."""
+    weights = np.asarray(mix, np.float64)
+    if weights.ndim != 1 or len(weights) == 0 or np.any(weights < 0) or weights.sum() <= 0:
+        raise UserError(f"a class mix needs non-negative weights, not all zero, got {mix}")
+    exact = n * weights / weights.sum()
+    counts = np.floor(exact).astype(np.int64)
+    remainders = exact - counts
+    order = np.lexsort((np.arange(len(weights)), -remainders))  # largest first, then by class
+    counts[order[:n - counts.sum()]] += 1
+    return counts
+
+
 def class_labels(config: Config, n: int, digit: int | None = None,
-                 rows_of: int | None = None) -> np.ndarray | None:
-    """What a conditional generator is asked to draw: `digit` n times, else 0..9 in turn
-    (each of `rows_of` consecutive digits the same class: a grid row per class). None for an
-    unconditional generator, which refuses `digit`."""
+                 rows_of: int | None = None,
+                 mix: Sequence[float] | None = None) -> np.ndarray | None:
+    """What a conditional generator is asked to draw: `digit` n times; with `mix` (a weight
+    per class, such as MNIST_TEST_CLASS_COUNTS), each class its share of n (see
+    `proportional_counts`), in class order; else 0..9 in turn (each of `rows_of` consecutive
+    digits the same class: a grid row per class). None for an unconditional generator, which
+    refuses `digit`."""
     if not config.conditional:
         if digit is not None:
             raise UserError("this generator was trained without labels (train.py --conditional "
@@ -46,6 +68,10 @@ def class_labels(config: Config, n: int, digit: int | None = None,
         return None
     if digit is not None:
         return np.full(n, digit, np.int32)
+    if mix is not None:
+        if len(mix) != NUM_CLASSES:
+            raise UserError(f"a class mix needs {NUM_CLASSES} weights, got {len(mix)}")
+        return np.repeat(np.arange(NUM_CLASSES, dtype=np.int32), proportional_counts(n, mix))
     return (np.arange(n, dtype=np.int32) // (rows_of or 1)) % NUM_CLASSES
 
 
@@ -66,7 +92,7 @@ def generate(config: Config, variables: Mapping[str, Any], key: jax.Array, n: in
     (key, n, labels, batch_size), and memory stays bounded however large `n` is.
     """
     return render_batches(config, variables, (
-        (sample_noise(jax.random.fold_in(key, i), config.spec.noise,
+        (sample_noise(jax.random.fold_in(key, i), config.network.noise,
                       (min(batch_size, n - start), config.latent_dim)),
          None if labels is None else labels[start:start + batch_size])
         for i, start in enumerate(range(0, n, batch_size))))
@@ -119,13 +145,13 @@ def latent_walks(key: jax.Array, config: Config, walks: int, frames: int) -> jax
     unit cube); the last frame leads back to the first, so a GIF of it loops. A
     self-conditioned G's walk keeps its first noise entry, and so its cluster.
     """
-    points = sample_noise(key, config.spec.noise, (walks, WALK_POINTS, config.latent_dim))
+    points = sample_noise(key, config.network.noise, (walks, WALK_POINTS, config.latent_dim))
     position = jnp.arange(frames) * WALK_POINTS / frames  # along the closed loop
     segment = jnp.floor(position).astype(jnp.int32)
     t = (position - segment)[None, :, None]
     start = points[:, segment]
     end = points[:, (segment + 1) % WALK_POINTS]
-    path = slerp(start, end, t) if config.spec.noise == "normal" else start + t * (end - start)
+    path = slerp(start, end, t) if config.network.noise == "normal" else start + t * (end - start)
     if config.clusters:
         path = path.at[..., 0].set(points[:, :1, 0])
     return path

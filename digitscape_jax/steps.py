@@ -83,7 +83,7 @@ def _create_states(config: Config, key: jax.Array,
 
     constants = g_vars.get("constants", {})
     if cluster_frequencies is not None:
-        constants = {"cluster_bounds": cluster_bounds(cluster_frequencies, config.spec.noise)}
+        constants = {"cluster_bounds": cluster_bounds(cluster_frequencies, config.network.noise)}
     g_state = GeneratorState.create(
         apply_fn=generator.apply, params=g_vars["params"], tx=adam(config.learning_rate),
         batch_stats=g_vars["batch_stats"], constants=constants,
@@ -140,7 +140,7 @@ def train_step(
     real_key, fake_key = jax.random.split(dropout_key)
     # fold_in(k, i) is split(k)[i] for i < 2: 2 keeps the shifts apart from noise and dropout.
     real_shift_key, fake_shift_key = jax.random.split(jax.random.fold_in(step_key, 2))
-    noise = sample_noise(noise_key, config.spec.noise, (images.shape[0], config.latent_dim))
+    noise = sample_noise(noise_key, config.network.noise, (images.shape[0], config.latent_dim))
     images = translate(real_shift_key, images, config.translate)
     # With mode seeking, fakes come in pairs of one class: the two halves of the batch draw
     # the classes of the real batch's first half.

@@ -1,4 +1,9 @@
-"""Shared fixtures: the real MNIST files beside the repo, and small IDX folders."""
+"""Shared fixtures: the real MNIST files beside the repo, and small IDX folders; the tiers.
+
+Two tiers (docs/design.md, Tests): `pytest -m "not slow"` after every edit, hermetic, and the
+whole suite before a commit. A test is `slow` when it needs real MNIST (every user of the
+`mnist_idx` fixture, through `real_batch` or `trained_run` too, is marked here), a browser, npm
+or a child process that trains (marked in its file)."""
 
 from __future__ import annotations
 
@@ -24,14 +29,86 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
     else tempfile.mkdtemp(prefix="digitscape-xla-"))
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Long tests (marked `slow`) first, then the other users of `trained_run`, each in file
-    order. pytest-xdist's work stealing gives one worker the first half and the other the
-    second, so the second starts on tests that need no `trained_run` while the first builds
-    it, and at the end the workers steal short tests from each other, where a long test
-    started last would keep one busy while the other idled."""
-    items.sort(key=lambda item: (item.get_closest_marker("slow") is None,
-                                 "trained_run" not in item.fixturenames))
+# Fixtures that read the real MNIST files: a test that uses one, directly or through another
+# fixture, is `slow`.
+REAL_MNIST_FIXTURES = {"mnist_idx"}
+
+# The longest tests, by name (without parameters), and roughly how many seconds each takes on
+# a 2-core CPU: they are started first, shared out between pytest-xdist's two workers. Only
+# the order and the rough sizes matter; tests not named here count as SHORT_S each.
+LONG_S = {
+    "test_sigkill_anywhere_then_rerun_ends_bitwise_where_an_uninterrupted_run_does": 60,
+    "test_two_processes_train_one_model": 40,
+    "test_the_notebook_trains_and_shows_its_pictures": 35,
+    "test_sigterm_and_sigint_stop_after_a_checkpoint_and_a_second_writer_is_refused": 30,
+    "test_a_run_of_several_steps_per_call_and_its_rerun_from_the_compilation_cache": 30,
+    "test_eight_devices_match_one": 30,
+    "test_train_writes_every_output": 5,
+    "test_several_steps_per_call_equal_single_steps": 20,
+    "test_a_clustered_run_keeps_its_cluster_prior_and_resumes_bitwise": 30,
+    "test_a_rerun_without_arch_resumes_the_arch_of_its_checkpoint": 25,
+    "test_train_writes_every_output_and_resumes_in_process": 20,
+    "test_the_regularised_recipe_trains": 15,
+    "test_a_few_dozen_steps_teach_d_to_tell_real_from_fake": 10,
+    "test_restore_then_step_is_bit_identical_to_stepping_on": 10,
+    "test_divergence_stops_training_and_keeps_the_last_good_checkpoint": 10,
+}
+SHORT_S = 1.5
+TRAINED_RUN_S = 30  # building `trained_run`, paid by the first test that asks for it
+# Tests that share a costly fixture of their module or a `built_once` folder other than
+# `trained_run` run on one worker, which builds it once.
+KEPT_TOGETHER = {"one_device_run", "chromium"}
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]):
+    """Marks the users of real MNIST `slow` (before `-m` deselects), then orders the tests
+    selected (after)."""
+    for item in items:
+        if REAL_MNIST_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
+    result = yield
+    items[:] = two_worker_order(items)
+    return result
+
+
+def two_worker_order(items: list[pytest.Item]) -> list[pytest.Item]:
+    """The tests in an order that keeps two pytest-xdist workers (`-n 2 --dist worksteal`)
+    busy to the end: work stealing gives the first worker the first half of the list and the
+    second the rest, and a worker whose half is done steals the end of the other's.
+
+    So each half starts with its share of the long tests (LONG_S, shared out longest first,
+    each to the half with less work so far), then its short ones. The first half builds
+    `trained_run` and holds the tests that use it; the second starts on tests that need
+    none, so that it never waits for the build, and its last tests are the short ones left
+    (the first to be stolen)."""
+    def cost(item: pytest.Item) -> float:
+        return LONG_S.get(getattr(item, "originalname", item.name), 0.0)
+
+    def uses_run(item: pytest.Item) -> bool:
+        return "trained_run" in item.fixturenames
+
+    units: dict[object, list[pytest.Item]] = {}
+    for item in items:
+        shared = sorted(KEPT_TOGETHER & set(item.fixturenames))
+        units.setdefault(shared[0] if shared else item.nodeid, []).append(item)
+    long_units = sorted((unit for unit in units.values() if any(cost(i) for i in unit)),
+                        key=lambda unit: -sum(cost(i) + SHORT_S for i in unit))
+    short = [item for unit in units.values() if not any(cost(i) for i in unit) for item in unit]
+    halves: tuple[list[pytest.Item], list[pytest.Item]] = ([], [])
+    loads = [TRAINED_RUN_S if any(map(uses_run, items)) else 0.0, 0.0]
+    for unit in long_units:
+        half = 0 if loads[0] <= loads[1] else 1
+        halves[half].extend(unit)
+        loads[half] += sum(cost(i) + SHORT_S for i in unit)
+    first, second = halves
+    first.sort(key=lambda item: not uses_run(item))  # stable: longest first within each
+    second.sort(key=uses_run)  # by the time it needs `trained_run`, the first has built it
+    short.sort(key=uses_run)  # those that need no `trained_run`, then its users
+    # The first half takes its short tests from the end: `trained_run`'s users.
+    take = max(0, (len(items) // 2) - len(first))
+    split = len(short) - take
+    return first + short[split:] + second + short[:split]
 
 
 @pytest.fixture(scope="session")
@@ -102,18 +179,39 @@ def built_once(tmp_path_factory, name: str, build) -> Path:
     return folder
 
 
+# How many of real MNIST's digits `trained_run` prepares: the first of each split. Its users
+# train a few dozen steps at most, and preparing all 70,000 as tfds records takes several
+# times longer than its training.
+TRAINED_RUN_DIGITS = {"train": 6_000, "test": 2_000}
+
+
+def write_idx_split(folder: Path, split: str, images: np.ndarray, labels: np.ndarray) -> None:
+    """Writes one split's images (N, 28, 28) and labels (N,) as the standard IDX files."""
+    prefix = {"train": "train", "test": "t10k"}[split]
+    write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", 2051, images)
+    write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", 2049, labels)
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, mnist_idx):
-    """`train.py` from nothing: prepares MNIST from the IDX files, trains 30 steps of `seed`,
-    with TensorBoard events, measuring sample quality at steps 20 and 30. Run once for all
-    workers (`built_once`): tests read it, and copy what they change.
+    """`train.py` from nothing: prepares MNIST from IDX files (real MNIST's first digits:
+    TRAINED_RUN_DIGITS), trains 30 steps of `seed`, with TensorBoard events, measuring sample
+    quality at steps 20 and 30. Run once for all workers (`built_once`): tests read it, and
+    copy what they change.
 
     Returns the working directory (with `ckpt/`, `generated_images/` and the tfds
     data dir `tfds/`) and the finished process, its output included.
     """
+    from digitscape_jax.data import read_idx_split
+
     def build(workdir: Path) -> None:
+        idx = workdir / "mnist-idx"
+        idx.mkdir(exist_ok=True)
+        for split, n in TRAINED_RUN_DIGITS.items():
+            images, labels = read_idx_split(mnist_idx, split)
+            write_idx_split(idx, split, images[:n], labels[:n])
         result = run_script("train.py", *TRAIN_FLAGS, "--eval-every", "20", "--eval-samples",
-                            "200", "--tensorboard", "--mnist-idx", mnist_idx,
+                            "200", "--tensorboard", "--mnist-idx", idx,
                             "--data-dir", workdir / "tfds", cwd=workdir)
         assert result.returncode == 0, result.stderr
         (workdir / "stdout.txt").write_text(result.stdout)

@@ -14,7 +14,6 @@ from digitscape_jax.steps import abstract_states, create_states, jit_train_step
 from test_steps import assert_trees_equal, state_trees, to_numpy
 
 
-@pytest.mark.slow
 def test_restore_then_step_is_bit_identical_to_stepping_on(tmp_path):
     config = Config(arch="seed", batch_size=16)
     step = jit_train_step(config, donate=False)

@@ -38,8 +38,12 @@ def test_train_writes_every_output(trained_run):
     assert [r["step"] for r in records] == [10, 20, 30]
     losses = {"step", "steps_per_s", "wall_s", "d_loss", "g_loss", "d_real", "d_fake"}
     for r in records:  # Sample quality at --eval-every 20, and at the end.
-        assert set(r) == (losses | {"fd", "is"} if r["step"] in (20, 30) else losses)
+        assert set(r) == (losses | {"fd", "is", "fd_held_out"} if r["step"] in (20, 30)
+                          else losses | {"first_call_s"})  # the first record: the first call's
         assert 0 < r["d_real"] < 1 and 0 < r["d_fake"] < 1 and r["d_loss"] > 0
+    assert records[0]["first_call_s"] > 0
+    (start,) = [json.loads(line) for line in (ckpt / "runs.jsonl").read_text().splitlines()]
+    assert start["start_step"] == 0 and start["machine"]["cpu"]["cores"] >= 1
     # 30 steps draw blobs of one kind: far from MNIST (real digits score FD ~1, IS ~9.8).
     assert records[2]["fd"] > 100 and 1 <= records[2]["is"] < 3
     assert "FD " in result.stdout and "IS " in result.stdout
@@ -178,6 +182,27 @@ def test_sample_rejects_bad_ckpt(capsys, tmp_path, trained_run, case):
               "bad_step": f"{target} has no checkpoint at step 15; it has [10, 20, 30]"}[case]
     assert one_line_error(capsys).startswith(f"error: {reason}")
     assert not (tmp_path / "s.png").exists()
+
+
+@pytest.mark.parametrize("name,content", [("g.msgpack", b"\x81\xa1a\x01"),  # msgpack {"a": 1}
+                                          ("notes.txt", b"not a generator"),
+                                          ("g.msgpack", b"\xc1 not msgpack")])
+def test_sample_says_what_it_reads_for_a_file_that_is_no_generator(capsys, tmp_path, name,
+                                                                    content):
+    (tmp_path / name).write_bytes(content)
+    assert cli.run(sample.main, ["--ckpt", str(tmp_path / name), "--digit", "7"]) == 1
+    assert one_line_error(capsys) == (
+        f"error: {tmp_path / name} is not a generator export: expected a --ckpt-dir, or a "
+        ".msgpack written by `sample.py --export`")
+
+
+def test_sample_says_the_shipped_onnx_model_is_for_the_browser_demo(capsys):
+    onnx = REPO / "demo" / "model" / "generator.onnx"
+    assert cli.run(sample.main, ["--ckpt", str(onnx), "--digit", "7"]) == 1
+    line = one_line_error(capsys)
+    assert line.startswith(f"error: {onnx} is an ONNX model, for the browser demo")
+    assert "onnxruntime" in line and ".msgpack that `sample.py --export` writes" in line
+    assert "ExtraData" not in line
 
 
 def test_sample_names_a_step_directory_that_is_not_a_checkpoint(capsys, tmp_path):

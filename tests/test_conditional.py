@@ -12,7 +12,7 @@ from digitscape_jax.checkpointing import Checkpointer
 from digitscape_jax.config import Config
 from digitscape_jax.errors import UserError
 from digitscape_jax.models import networks, sample_noise
-from digitscape_jax.sampling import class_labels
+from digitscape_jax.sampling import MNIST_TEST_CLASS_COUNTS, class_labels, proportional_counts
 from digitscape_jax.steps import create_states, jit_train_step
 from test_cli import flag_error, one_line_error
 
@@ -65,6 +65,24 @@ def test_class_labels():
     np.testing.assert_array_equal(class_labels(CONDITIONAL, 4, digit=7), [7, 7, 7, 7])
     np.testing.assert_array_equal(class_labels(CONDITIONAL, 6, rows_of=2), [0, 0, 1, 1, 2, 2])
     np.testing.assert_array_equal(class_labels(CONDITIONAL, 12), [*range(10), 0, 1])
+
+
+def test_class_labels_at_the_test_sets_class_mix():
+    mix = MNIST_TEST_CLASS_COUNTS
+    assert class_labels(Config(arch="seed"), 100, mix=mix) is None
+    labels = class_labels(CONDITIONAL, 10_000, mix=mix)  # the test set's own size: its counts
+    np.testing.assert_array_equal(np.bincount(labels, minlength=10), mix)
+    for n in (7, 200, 999, 8800):
+        labels = class_labels(CONDITIONAL, n, mix=mix)
+        counts = np.bincount(labels, minlength=10)
+        exact = n * np.asarray(mix) / sum(mix)
+        assert len(labels) == n and np.all(np.abs(counts - exact) < 1), n  # floor or ceiling
+        assert np.all(np.diff(labels) >= 0)  # in class order
+        np.testing.assert_array_equal(class_labels(CONDITIONAL, n, mix=mix), labels)
+    assert list(proportional_counts(7, [1, 1, 1])) == [3, 2, 2]  # ties: the lower class first
+    for bad in ([1, 2, 3], [0] * 10, [-1] + [1] * 9):
+        with pytest.raises(UserError, match="class mix"):
+            class_labels(CONDITIONAL, 10, mix=bad)
 
 
 def test_sample_draws_the_digit_asked_for(conditional_ckpt, tmp_path):

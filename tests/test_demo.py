@@ -30,6 +30,8 @@ from digitscape_jax.steps import create_states
 
 import sample
 
+pytestmark = pytest.mark.slow  # Chromium, and the npm packages the page loads
+
 ROWS = COLS = 10  # the page's grid (demo/demo.js)
 DIRECTIONS = 3  # its sliders
 SIDE = 28

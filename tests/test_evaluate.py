@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -13,7 +14,7 @@ from digitscape_jax import classifier, cli, data
 from digitscape_jax import evaluate as ev
 from digitscape_jax import sample_metrics as sm
 from digitscape_jax.errors import UserError
-from digitscape_jax.evaluator import MIN_SAMPLES, Evaluator, during_training
+from digitscape_jax.evaluator import MIN_SAMPLES, SPACES, Evaluator, during_training
 from test_cli import flag_error, one_line_error
 
 REFERENCE_N = 2000  # test digits the evaluator compares with
@@ -28,8 +29,8 @@ def mnist(mnist_idx):
 
 @pytest.fixture(scope="session")
 def evaluator(mnist):
-    (train, _), (test, _) = mnist
-    return Evaluator(test[:REFERENCE_N], train[:TRAIN_N])
+    (train, _), (test, labels) = mnist
+    return Evaluator(test[:REFERENCE_N], train[:TRAIN_N], test_labels=labels[:REFERENCE_N])
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +50,9 @@ def ranked(mnist, evaluator, held_out):
         "one class": train[rng.choice(np.flatnonzero(train_labels == 1), REFERENCE_N)],
         "noise": rng.integers(0, 256, (REFERENCE_N, 28, 28), dtype=np.uint8),
     }
-    return {name: evaluator.evaluate(images, metrics=("fd", "inception_score", "classes", "precision_recall")) for name, images in sets.items()}
+    return {name: evaluator.evaluate(images, metrics=("fd", "inception_score", "classes",
+                                                      "precision_recall"))
+            for name, images in sets.items()}
 
 
 def test_committed_classifier_is_over_99_percent_accurate(mnist):
@@ -59,6 +62,58 @@ def test_committed_classifier_is_over_99_percent_accurate(mnist):
     assert info["test_accuracy"] >= 0.99 and info["test_n"] == 10_000
     assert info["param_count"] == classifier.param_count(classifier.load())
     assert classifier.WEIGHTS.stat().st_size < 1_000_000
+
+
+@pytest.mark.slow
+def test_committed_held_out_classifier_is_over_99_percent_accurate(mnist):
+    _, (test, labels) = mnist
+    network = classifier.HELD_OUT
+    params = classifier.load(network=network)
+    assert classifier.accuracy(params, test, labels, network=network) >= 0.99
+    info = classifier.load_info(network=network)
+    assert info["space"] == "held_out" and info["test_n"] == 10_000
+    assert info["test_accuracy"] >= 0.99 and info["architecture"] == network.describe()
+    assert info["param_count"] == classifier.param_count(params)
+    assert network.weights.stat().st_size < 1_000_000
+    # Another network than the selection one: other mistakes (48 of the selection's 80 shared).
+    selection = classifier.classify(classifier.load(), test)[1].argmax(1)
+    held_out = classifier.classify(params, test, network=network)[1].argmax(1)
+    both_wrong = np.mean((selection != labels) & (held_out != labels))
+    assert both_wrong < 0.75 * np.mean(selection != labels)
+
+
+def test_held_out_classifier_weights_round_trip(tmp_path, small_idx):
+    idx_dir, _ = small_idx  # 40 random digits: one batch, one step
+    path = tmp_path / "held_out.msgpack"
+    argv = ["--train-classifier", "--space", "held_out", "--epochs", "1", "--mnist-idx",
+            str(idx_dir), "--classifier", str(path)]
+    assert cli.run(ev.main, argv) == 0
+    info = json.loads(path.with_suffix(".json").read_text())
+    assert info["space"] == "held_out" and info["seed"] == classifier.HELD_OUT.seed
+    loaded = classifier.load(path, classifier.HELD_OUT)
+    again = classifier.train(*data.read_idx_split(idx_dir, "train"), network=classifier.HELD_OUT,
+                             epochs=1, log=lambda _: None)
+    for a, b in zip(*(jax.tree_util.tree_leaves(tree) for tree in (again, loaded))):
+        np.testing.assert_array_equal(a, b)  # what was saved, and deterministic from the seed
+    images = data.read_idx_split(idx_dir, "test")[0]
+    np.testing.assert_array_equal(
+        classifier.classify(loaded, images, network=classifier.HELD_OUT)[0],
+        classifier.classify(again, images, network=classifier.HELD_OUT)[0])
+    assert loaded["conv0"]["kernel"].shape == (5, 5, 1, classifier.HELD_OUT.conv_channels[0])
+    with pytest.raises(UserError, match="not a classifier weights file|another architecture"):
+        classifier.load(path, classifier.SELECTION)  # the same file read as the other network
+
+
+def test_affine_augmentation_moves_digits_but_keeps_them_whole(mnist):
+    _, (test, _) = mnist
+    x = classifier.preprocess(test[:64])
+    moved = classifier.affine_augment(jax.random.key(0), x, classifier.HELD_OUT)
+    assert moved.shape == x.shape and not np.allclose(moved, x)
+    ink, moved_ink = np.asarray(x).sum((1, 2, 3)), np.asarray(moved).sum((1, 2, 3))
+    np.testing.assert_allclose(moved_ink / ink, 1.0, atol=0.25)  # zoom by 1 +- 0.1: ink ~ area
+    still = dataclasses.replace(classifier.HELD_OUT, shift=0.0, rotate=0.0, scale=0.0)
+    np.testing.assert_allclose(classifier.affine_augment(jax.random.key(0), x, still), x,
+                               atol=1e-5)
 
 
 def test_classifier_weights_of_another_kind_are_refused(tmp_path):
@@ -86,11 +141,12 @@ def test_classifier_takes_uint8_digits_only():
             classifier.classify(params, bad)
 
 
+@pytest.mark.parametrize("space", SPACES)
 def test_fd_is_zero_for_equal_sets_symmetric_and_exact_for_diagonal_gaussians(evaluator,
-                                                                              held_out):
-    real = sm.feature_stats(evaluator.test_features)
+                                                                              held_out, space):
+    real = sm.feature_stats(evaluator.spaces[space].test_features)
     assert abs(sm.frechet_distance(*real, *real)) < 1e-6 * np.trace(real[1])
-    other = sm.feature_stats(classifier.classify(evaluator.params, held_out[0])[0])
+    other = sm.feature_stats(evaluator.spaces[space].classify(held_out[0])[0])
     forward, backward = sm.frechet_distance(*real, *other), sm.frechet_distance(*other, *real)
     assert forward > 0 and forward == pytest.approx(backward, rel=1e-6)
     # Commuting covariances: FD = |mu1 - mu2|^2 + sum (sqrt(s1) - sqrt(s2))^2.
@@ -99,8 +155,9 @@ def test_fd_is_zero_for_equal_sets_symmetric_and_exact_for_diagonal_gaussians(ev
     assert sm.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(5 + 1 + 0 + 4)
 
 
-def test_real_digits_rank_above_noise_and_a_single_class(ranked):
-    real, one, noise = ranked["real"], ranked["one class"], ranked["noise"]
+@pytest.mark.parametrize("space", SPACES)
+def test_real_digits_rank_above_noise_and_a_single_class(ranked, space):
+    real, one, noise = (ranked[name]["spaces"][space] for name in ("real", "one class", "noise"))
     for worse in (one, noise):
         assert real["fd"] < worse["fd"] / 10
         assert real["inception_score"] > worse["inception_score"] + 5
@@ -189,9 +246,15 @@ def test_cli_evaluates_an_npz(tmp_path, mnist, small_mnist_idx, capsys):
                              str(small_mnist_idx), "--json", str(tmp_path / "m.json")]) == 0
     stdout = capsys.readouterr().out
     assert "FD, classifier features" in stdout and "label accuracy" in stdout
+    assert "held_out" in stdout and "selection" in stdout
     numbers = json.loads((tmp_path / "m.json").read_text())
     assert numbers["n"] == 500 and numbers["reference_n"] == 1000
-    assert numbers["fd"] < 40 and numbers["label_accuracy"] >= 0.98  # noise: about 800
+    assert set(numbers["spaces"]) == set(SPACES)
+    for space in numbers["spaces"].values():
+        assert set(space) == {"fd", "inception_score", "precision", "recall", "density", "k",
+                              "class_fractions", "class_kl"}
+    assert numbers["spaces"]["selection"]["fd"] < 40  # noise: about 800
+    assert numbers["label_accuracy"] >= 0.98
     assert numbers["memorization_rate"] < 0.05
 
 
@@ -236,14 +299,17 @@ def test_cli_calibration_separates_real_digits_from_bad_ones(capsys, tmp_path, s
             "--json", str(tmp_path / "c.json")]
     assert cli.run(ev.main, argv) == 0
     table = capsys.readouterr().out
-    assert table.startswith("| digits | n | FD |") and "uniform noise" in table
+    assert table.startswith("selection space:\n\n| digits | n | FD |") and "uniform noise" in table
+    assert table.count("| digits | n | FD |") == 2 and "held_out space:" in table
+    assert "binarised train digits" in table
     results = json.loads((tmp_path / "c.json").read_text())
-    fd = [r["fd"] for r in results.values()]
-    assert max(fd[:2]) < min(fd[2:])  # real digits (test, train), then blurred, one class, noise
+    for space in SPACES:
+        fd = [r["spaces"][space]["fd"] for r in results.values()]
+        assert max(fd[:2]) < min(fd[2:]), space  # real (test, train), then the degraded ones
+        reference = results["real test digits (the reference itself)"]["spaces"][space]
+        assert reference["precision"] == reference["recall"] == 1.0  # 300 of the 1,000
     real = results["real train digits"]
     assert real["memorization_rate"] == 1.0  # they are the training digits
-    reference = results["real test digits (the reference itself)"]  # 300 of the 1,000
-    assert reference["precision"] == reference["recall"] == 1.0
 
 
 def test_train_classifier_writes_loadable_weights(capsys, tmp_path, small_idx):
@@ -262,13 +328,16 @@ def test_train_classifier_writes_loadable_weights(capsys, tmp_path, small_idx):
         np.testing.assert_array_equal(a, b)  # deterministic from the seed
 
 
+@pytest.mark.parametrize("space", SPACES)
 def test_a_classifier_below_99_percent_never_replaces_the_shipped_one(capsys, tmp_path, small_idx,
-                                                                     monkeypatch):
+                                                                     monkeypatch, space):
     shipped = tmp_path / "shipped.msgpack"  # a stand-in, so that a failure harms no real file
-    weights = classifier.WEIGHTS.read_bytes()
+    weights = classifier.NETWORKS[space].weights.read_bytes()
     shipped.write_bytes(weights)
-    monkeypatch.setattr(classifier, "WEIGHTS", shipped)
-    argv = ["--train-classifier", "--epochs", "1", "--mnist-idx", str(small_idx[0])]
+    monkeypatch.setitem(classifier.NETWORKS, space,
+                        dataclasses.replace(classifier.NETWORKS[space], weights=shipped))
+    argv = ["--train-classifier", "--space", space, "--epochs", "1", "--mnist-idx",
+            str(small_idx[0])]
     assert cli.run(ev.main, argv) == 1
     error = capsys.readouterr().err
     assert error.startswith("error: the retrained classifier's test accuracy ") and error.count("\n") == 1
@@ -290,7 +359,9 @@ def test_cli_draws_and_evaluates_digits_from_a_generator(capsys, tmp_path, small
     assert cli.run(ev.main, argv) == 0
     out = capsys.readouterr().out
     assert f"200 digits from {tmp_path / 'g.msgpack'} (step 0, arch seed, seed 0)" in out
-    assert json.loads((tmp_path / "m.json").read_text())["fd"] > 50  # an untrained generator
+    spaces = json.loads((tmp_path / "m.json").read_text())["spaces"]
+    assert spaces["selection"]["fd"] > 50  # an untrained generator
+    assert spaces["held_out"]["fd"] > 10 * spaces["held_out"]["k"]  # far from real digits too
 
 
 def test_during_training_logs_fd_and_is_and_label_accuracy_if_conditional(evaluator):
@@ -301,5 +372,6 @@ def test_during_training_logs_fd_and_is_and_label_accuracy_if_conditional(evalua
         config = Config(arch="seed", conditional=conditional)
         g_state, _ = create_states(config, jax.random.key(0))
         logged = during_training(evaluator, config, g_state.variables, jax.random.key(1), 200)
-        expected = {"fd", "is"} | ({"label_accuracy"} if conditional else set())
+        expected = {"fd", "is", "fd_held_out"} | ({"label_accuracy"} if conditional else set())
         assert set(logged) == expected and logged["fd"] > 50 and 1 <= logged["is"] < 10
+        assert logged["fd_held_out"] > 0

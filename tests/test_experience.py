@@ -139,7 +139,7 @@ def test_slerp_ends_at_its_points_and_keeps_the_norm():
 def test_latent_walks_loop_through_their_points(arch):
     config = Config(arch=arch)
     walks = latent_walks(jax.random.key(3), config, walks=2, frames=8)  # 2 frames per segment
-    points = sample_noise(jax.random.key(3), config.spec.noise, (2, 4, 100))
+    points = sample_noise(jax.random.key(3), config.network.noise, (2, 4, 100))
     if config.clusters:  # each walk keeps its first point's first entry: one cluster
         np.testing.assert_array_equal(walks[..., 0], np.repeat(points[:, :1, 0], 8, axis=1))
         walks, points = walks[..., 1:], points[..., 1:]
@@ -186,7 +186,7 @@ def test_savedmodel_matches_the_jax_generator(trained_run, tmp_path):
     config, variables, _ = load_generator(ckpt)
     loaded = tf.saved_model.load(str(tmp_path / "sm"))
     for n in (1, 7):  # any batch size
-        noise = np.asarray(sample_noise(jax.random.key(n), config.spec.noise, (n, 100)))
+        noise = np.asarray(sample_noise(jax.random.key(n), config.network.noise, (n, 100)))
         expected = networks(config)[0].apply(variables, noise, train=False)
         got = loaded.signatures["serving_default"](noise=tf.constant(noise))
         (got,) = got.values()

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from digitscape_jax import clusters
-from digitscape_jax.config import ARCHS, SETTINGS_BEFORE_THEIR_FIELDS, Config, ConfigError
+from digitscape_jax.config import ARCHS, Config, ConfigError
 from digitscape_jax.layers import spectral_normalize
 from digitscape_jax.losses import (discriminator_loss, generator_loss, mode_seeking_loss,
                                    r1_penalty, translate)
@@ -298,6 +298,14 @@ def test_translation_shifts_each_digit_within_bounds_and_fills_background(real_b
     assert set(np.unique(np.asarray(grad))) <= {0.0, 1.0} and float(grad.sum()) > 0.8 * grad.size
 
 
+# What every run trained with before these fields existed: a checkpoint config that lacks them
+# reads as these values (each setting's `backfill`).
+BEFORE_THEIR_FIELDS = {"d_lr_scale": 1.0, "loss": "bce", "r1_gamma": 0.0, "r1_every": 4,
+                       "d_dropout": 0.3, "translate": 0, "mode_seeking": 0.0, "clusters": 0,
+                       "lr_half_life": 0, "cluster_features": "pixels", "minibatch_std": 0,
+                       "spectral_norm": "none", "g_first_kernel": 5}
+
+
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_a_checkpoint_config_from_before_the_recipe_fields_reads_as_its_old_recipe(arch):
     saved = {"steps": 20000, "arch": arch, "conditional": False, "batch_size": 64,
@@ -310,7 +318,7 @@ def test_a_checkpoint_config_from_before_the_recipe_fields_reads_as_its_old_reci
                                                                                   0.3, 0)
     assert (config.learning_rate, config.d_lr_scale) == (2e-4, 1.0)
     # Whatever the arch's defaults have become: these are what every run used before.
-    for name, value in SETTINGS_BEFORE_THEIR_FIELDS.items():
+    for name, value in BEFORE_THEIR_FIELDS.items():
         assert getattr(config, name) == value
     assert Config.from_json(config.to_json()) == config
 

@@ -57,7 +57,7 @@ def layer_shapes(module: nn.Module, x: jax.Array, **kwargs) -> tuple[list, dict,
 @pytest.mark.parametrize("arch", sorted(KERAS_G))  # fast: small's with a 3x3 first kernel, below
 def test_generator_matches_keras(arch):
     expected_layers, expected_params = KERAS_G[arch]
-    shapes, variables, out = layer_shapes(Generator(ARCHS[arch]), jnp.zeros((3, 100)))
+    shapes, variables, out = layer_shapes(Generator(ARCHS[arch].network), jnp.zeros((3, 100)))
     assert shapes == expected_layers
     assert out.shape == (3, 28, 28, 1)
     assert count(variables) == expected_params
@@ -67,7 +67,8 @@ def test_generator_matches_keras(arch):
 @pytest.mark.parametrize("arch", sorted(KERAS_D))
 def test_discriminator_matches_keras(arch):
     expected_layers, expected_params = KERAS_D[arch]
-    shapes, variables, out = layer_shapes(Discriminator(ARCHS[arch]), jnp.zeros((3, 28, 28, 1)),
+    shapes, variables, out = layer_shapes(Discriminator(ARCHS[arch].network),
+                                          jnp.zeros((3, 28, 28, 1)),
                                           rngs={"dropout": jax.random.key(1)})
     assert shapes == expected_layers
     assert out.shape == (3, 1)
@@ -92,8 +93,9 @@ def test_the_default_g_maps_its_7x7_features_with_a_3x3_kernel_and_an_old_checkp
 
 
 def test_generator_has_no_biases_and_discriminator_zero_biases():
-    g = Generator(ARCHS["seed"]).init(jax.random.key(0), jnp.zeros((1, 100)), train=False)
-    d = Discriminator(ARCHS["seed"]).init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), train=False)
+    g = Generator(ARCHS["seed"].network).init(jax.random.key(0), jnp.zeros((1, 100)), train=False)
+    d = Discriminator(ARCHS["seed"].network).init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)),
+                                                  train=False)
     g_names = {path[-1].key for path, _ in jax.tree_util.tree_leaves_with_path(g["params"])}
     assert g_names == {"kernel", "scale", "bias"}  # "bias" only from BatchNorm
     assert all("BatchNorm" in path[0].key
@@ -104,7 +106,8 @@ def test_generator_has_no_biases_and_discriminator_zero_biases():
 
 
 def test_kernels_are_glorot_uniform():
-    variables = Generator(ARCHS["dcgan"]).init(jax.random.key(0), jnp.zeros((1, 100)), train=False)
+    variables = Generator(ARCHS["dcgan"].network).init(jax.random.key(0), jnp.zeros((1, 100)),
+                                                       train=False)
     kernel = np.asarray(variables["params"]["ConvTranspose_0"]["kernel"])  # (5, 5, 256, 128)
     bound = np.sqrt(6.0 / (25 * 256 + 25 * 128))
     assert np.abs(kernel).max() <= bound
@@ -113,7 +116,7 @@ def test_kernels_are_glorot_uniform():
 
 
 def test_batchnorm_uses_keras_momentum_and_epsilon():
-    module = Generator(ARCHS["seed"])
+    module = Generator(ARCHS["seed"].network)
     z = jax.random.uniform(jax.random.key(1), (16, 100))
     variables = module.init(jax.random.key(0), z, train=False)
     _, state = module.apply(variables, z, train=True, mutable=["batch_stats", "intermediates"],

@@ -70,9 +70,13 @@ def test_train_writes_every_output_and_resumes_in_process(mock_mnist, tmp_path):
     # The wall clock of each record counts on from the run it resumed.
     walls = [r["wall_s"] for r in records(paths)]
     assert 0 < walls[0] and walls == sorted(walls) and walls[3] > walls[2]
+    # Each (re)start's first log holds its first call's time, and runs.jsonl its provenance.
+    assert [r["step"] for r in records(paths) if "first_call_s" in r] == [4, 16]
+    starts = [json.loads(line) for line in (paths.ckpt_dir / "runs.jsonl").open()]
+    assert [s["start_step"] for s in starts] == [0, 12]
+    assert all(s["versions"]["jax"] and "commit" in s for s in starts)
 
 
-@pytest.mark.slow
 def test_a_clustered_run_keeps_its_cluster_prior_and_resumes_bitwise(mock_mnist, tmp_path):
     """--clusters: G's checkpointed prior is the clusters' frequencies in the split, and a run
     stopped and resumed (which clusters the split again) ends where an unstopped one does."""
