@@ -6,7 +6,8 @@ Run from the repository root:
         default=../shared/judged/default_fast_20k.npz \\
         demo=../shared/judged/demo_fast_conditional.npz
 
-It prints markdown tables (docs/spaces.md quotes them), each set against the 10,000 MNIST
+It prints markdown tables, and with --record DIR writes them as a result record, from which
+`python -m digitscape_jax.report` writes docs/spaces.md's tables: each set against the 10,000 MNIST
 test digits in both feature spaces of `evaluator.Evaluator`:
 
 1. FD at equal size and class mix: each set's first 8,800 digits, and a conditional set's
@@ -39,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from digitscape_jax import cli, data
+from digitscape_jax import cli, data, records
 from digitscape_jax.evaluate import read_npz
 from digitscape_jax.evaluator import Evaluator
 from digitscape_jax.plots import image_grid, save_image
@@ -67,6 +68,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="the four MNIST IDX .gz files")
     p.add_argument("--png", type=Path, default=None,
                    help="draw the worst samples of each space here")
+    p.add_argument("--record", type=Path, default=None, metavar="DIR",
+                   help="also write the tables as a result record, DIR/spaces.json")
     return p.parse_args(argv)
 
 
@@ -111,12 +114,18 @@ def pixel_stats(images: np.ndarray) -> dict[str, float]:
                 f"{np.percentile(width, 10):.2f}-{np.percentile(width, 90):.2f}"}
 
 
-def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    def cell(v: object) -> str:
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
+class Tables:
+    """The tables of a run: printed as markdown as they come, and kept for the record."""
+
+    def __init__(self) -> None:
+        self.kept: list[dict[str, object]] = []
+
+    def add(self, title: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+        cells = [[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row] for row in rows]
+        self.kept.append({"title": title, "header": list(header), "rows": cells})
+        lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+        print(f"\n## {title}\n\n" + "\n".join(lines + ["| " + " | ".join(row) + " |"
+                                                      for row in cells]))
 
 
 def nearest_train(images: np.ndarray, train: np.ndarray) -> np.ndarray:
@@ -158,9 +167,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                    for s in spaces}
         row += [f"{row[2] / real_fd['selection']:.2f} / {row[5] / real_fd['held_out']:.2f}"]
         rows.append(row)
-    print("## FD at equal size, against the 10,000 test digits\n")
-    print(table(["set", "digits", "selection FD", "mean term", "cov term", "held-out FD",
-                 "mean term", "cov term", "x real (selection / held-out)"], rows))
+    tables = Tables()
+    tables.add("FD at equal size, against the 10,000 test digits", ["set", "digits", "selection FD", "mean term", "cov term", "held-out FD",
+                 "mean term", "cov term", "x real (selection / held-out)"], rows)
 
     # 2. FD per class.
     for name, (images, labels) in sets.items():
@@ -177,17 +186,16 @@ def main(argv: Sequence[str] | None = None) -> None:
                 base = fd_terms(features["real train"][s][real_c], test_features[s][ref])[0]
                 row += [fake, base, f"{fake / base:.1f}"]
             rows.append(row)
-        print(f"\n## FD per class: {name} (classes by {how}), against the test digits of the "
-              "class\n")
-        print(table(["class", "n", "selection FD", "real", "x real", "held-out FD", "real",
-                     "x real"], rows))
+        tables.add(f"FD per class: {name} (classes by {how}), against the test digits of the "
+                   "class", ["class", "n", "selection FD", "real", "x real", "held-out FD", "real",
+                     "x real"], rows)
 
     # 3. Pixel statistics.
     stats = {"real train": pixel_stats(real), "real test": pixel_stats(test),
              **{name: pixel_stats(images) for name, (images, _) in sets.items()}}
     keys = list(next(iter(stats.values())))
-    print("\n## Pixel statistics (pixel fractions of all 784; width in pixels)\n")
-    print(table(["set", *keys], [[name, *s.values()] for name, s in stats.items()]))
+    tables.add("Pixel statistics (pixel fractions of all 784; width in pixels)", ["set", *keys],
+               [[name, *s.values()] for name, s in stats.items()])
 
     # 4. FD after matching the pixel histogram to the real digits'.
     rows = []
@@ -199,8 +207,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             after = fd_terms(sp.classify(matched)[0], test_features[s])[0]
             row += [before, after]
         rows.append(row)
-    print("\n## FD before and after matching each set's pixel histogram to the real digits'\n")
-    print(table(["set", "selection FD", "matched", "held-out FD", "matched"], rows))
+    tables.add("FD before and after matching each set's pixel histogram to the real digits'",
+               ["set", "selection FD", "matched", "held-out FD", "matched"], rows)
 
     # 5. The worst-scored samples.
     scores = {}
@@ -229,16 +237,22 @@ def main(argv: Sequence[str] | None = None) -> None:
                          f"{spearman:.2f}", float(np.mean(distance)), f"{agree:.1f}",
                          " ".join(str(c) for c in predicted[name][worst])])
             panels += [images[worst], train[near]]
-    print(f"\n## Per-sample scores (k-th nearest test digit / its median, k = {K})\n")
-    print(table(["set", "space", "median score", f"worst {WORST}: mean score",
-                 f"worst {WORST_FRACTION:.0%} shared", "rank correlation",
-                 "worst: pixel L2 to nearest train", "nearest train's label = class",
-                 "worst: selection classes"], rows))
+    tables.add(f"Per-sample scores (k-th nearest test digit / its median, k = {K})",
+               ["set", "space", "median score", f"worst {WORST}: mean score",
+                f"worst {WORST_FRACTION:.0%} shared", "rank correlation",
+                "worst: pixel L2 to nearest train", "nearest train's label = class",
+                "worst: selection classes"], rows)
     if args.png is not None:
         names = [f"{name}: {what}" for name in sets
                  for what in ("worst, selection", "nearest train", "worst, held-out",
                               "nearest train")]
         print(f"\nworst samples -> {save_image(args.png, labelled_grid(panels, names))}")
+    if args.record is not None:
+        command = ("python bench/spaces.py --mnist-idx ../shared/mnist --png docs/worst_samples.png "
+                   + " ".join(f"{name}={path}" for name, path in args.sets)
+                   + " --record docs/results/")
+        record = records.make("analysis", "spaces", command, {"tables": tables.kept})
+        print(f"record -> {records.write(args.record, record)}")
 
 
 def labelled_grid(rows: Sequence[np.ndarray], names: Sequence[str]) -> np.ndarray:

@@ -29,7 +29,7 @@ from digitscape_jax.metrics import RUNS_FILE, MetricsLog
 
 SCHEMA = 1
 RESULTS_DIR = provenance.REPO / "docs" / "results"
-KINDS = ("training", "calibration", "samples", "bench")
+KINDS = ("training", "calibration", "samples", "bench", "analysis")
 # The quality curve's fields, of each metrics.jsonl record that has an evaluation.
 CURVE_FIELDS = ("step", "wall_s", "fd", "fd_held_out", "is", "label_accuracy")
 

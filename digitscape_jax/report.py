@@ -56,7 +56,7 @@ def real_vs_real(calibration: dict[str, Any], name: str = HELD_OUT) -> float:
 
 
 TARGETS = (
-    Target("FD, held-out space", "<= 2x real train vs test",
+    Target("FD / real train digits' FD, held-out space", "<= 2",
            lambda r, c: space(r)["fd"] / real_vs_real(c), lambda v: v <= 2.0, 2),
     Target("precision, held-out space", ">= 0.85", lambda r, c: space(r)["precision"],
            lambda v: v >= 0.85),
@@ -64,15 +64,15 @@ TARGETS = (
            lambda v: v >= 0.85),
     Target("inception score, held-out classifier", ">= 9.75",
            lambda r, c: space(r)["inception_score"], lambda v: v >= 9.75, 2),
-    Target("smallest class share", ">= 8%", lambda r, c: 100 * min(space(r)["class_fractions"]),
+    Target("smallest class share, %", ">= 8", lambda r, c: 100 * min(space(r)["class_fractions"]),
            lambda v: v >= 8.0, 1),
-    Target("largest class share", "<= 12%", lambda r, c: 100 * max(space(r)["class_fractions"]),
+    Target("largest class share, %", "<= 12", lambda r, c: 100 * max(space(r)["class_fractions"]),
            lambda v: v <= 12.0, 1),
     Target("memorization", "<= 0.010", lambda r, c: r["metrics"]["memorization_rate"],
            lambda v: v <= 0.010, 4),
     Target("label accuracy (--conditional)", ">= 0.99",
            lambda r, c: r["metrics"].get("label_accuracy"), lambda v: v >= 0.99, 4),
-    Target("minutes for 20,000 steps, evaluation included", "<= 25",
+    Target("minutes to train 20,000 steps", "<= 25",
            lambda r, c: r["training"]["wall_s"] / 60, lambda v: v <= 25.0, 1),
 )
 
@@ -175,13 +175,20 @@ def space_of(metrics: dict[str, Any], name: str = HELD_OUT) -> dict[str, Any]:
     return metrics["spaces"][name]
 
 
+README_COLUMNS = ("recipe", "seed", "FD", "FD / real", "IS", "precision", "recall",
+                  "label accuracy", "record")
+
+
 def readme_quality(all_records: dict[str, dict[str, Any]], doc: Path) -> str:
-    """The default (and its --conditional form) at 20,000 steps, beside real digits."""
+    """The default (and its --conditional form) at 20,000 steps, beside real digits: the
+    held-out space's figures only."""
     reference = calibration(all_records)
     rows = [reference_row(reference, doc)] + [
         quality_row(r, reference, doc)
         for conditional in (False, True) for r in defaults(all_records, conditional)]
-    return table(QUALITY_HEADER, rows, "no run of the default is recorded")
+    keep = [QUALITY_HEADER.index(column) for column in README_COLUMNS]
+    return table(README_COLUMNS, [[row[i] for i in keep] for row in rows],
+                 "no run of the default is recorded")
 
 
 def readme_time(all_records: dict[str, dict[str, Any]], doc: Path) -> str:
@@ -292,10 +299,35 @@ def bench(all_records: dict[str, dict[str, Any]], doc: Path) -> str:
     return "\n".join(parts) or "*no bench run is recorded*\n"
 
 
+def analysis(all_records: dict[str, dict[str, Any]], doc: Path) -> str:
+    """The tables of the analysis records (`bench/spaces.py --record`), each under its title."""
+    parts = []
+    for record in sorted(by_kind(all_records, "analysis"), key=lambda r: r["name"]):
+        parts.append(f"From `{record['command']}` ({link(record, doc)}).\n")
+        for kept in record["metrics"]["tables"]:
+            parts.append(f"#### {kept['title']}\n\n" + table(kept["header"], kept["rows"], ""))
+    return "\n".join(parts) or "*no analysis is recorded*\n"
+
+
+def calibration_criterion(all_records: dict[str, dict[str, Any]], doc: Path) -> str:
+    """How many times real digits' FD each degraded calibration set sits in each space: the
+    held-out space must separate each at least as clearly as the selection space."""
+    metrics = calibration(all_records)["metrics"]
+    ratios = {name: {s: space_of(m, s)["fd"] / space_of(metrics[REAL], s)["fd"]
+                     for s in (SELECTION, HELD_OUT)}
+              for name, m in metrics.items() if name != REAL and not name.startswith("real")}
+    rows = [[name, number(r[SELECTION], 1), number(r[HELD_OUT], 1),
+             number(r[HELD_OUT] / r[SELECTION], 2), "yes" if r[HELD_OUT] >= r[SELECTION] else "no"]
+            for name, r in ratios.items()]
+    return table(("degraded set", "selection FD / real", "held-out FD / real",
+                  "held-out over selection", "at least as clear"), rows, "")
+
+
 TABLES: dict[str, Callable[[dict[str, dict[str, Any]], Path], str]] = {
     "readme-quality": readme_quality, "readme-time": readme_time, "recipes": recipes, "ablations": ablations,
     "targets": targets, "calibration": calibration_tables, "scored-sets": scored_sets,
-    "training-time": training_time, "bench": bench,
+    "training-time": training_time, "bench": bench, "analysis": analysis,
+    "calibration-criterion": calibration_criterion,
 }
 
 
