@@ -136,6 +136,7 @@ def test_the_grid_is_what_onnxruntime_draws_for_the_same_seed(shipped_page):
     model_line = shipped_page.locator("#model").text_content()
     assert f"arch {info['arch']}" in model_line and f"{info['step']:,} steps" in model_line
     assert f"FD {info['fd']:.2f}" in model_line and f"IS {info['is']:.2f}" in model_line
+    assert f"{info['space']} feature space" in model_line  # the figures the project states
     assert shipped_page.locator("#seed").text_content() == str(SEED)
     for kind in ("uniform", "normal"):  # the page's noise.js, drawn in the page
         drawn = shipped_page.evaluate(

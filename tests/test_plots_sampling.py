@@ -46,3 +46,21 @@ def test_generate_in_batches_is_reproducible_and_batch_sized():
     # Each batch has its own noise, and the first batches do not depend on the total.
     np.testing.assert_array_equal(images[:20], generate(config, variables, jax.random.key(1), 20, batch_size=10))
     assert not np.array_equal(images[:10], images[10:20])
+
+
+def test_the_shipped_generator_draws_the_digit_asked_for_without_training():
+    """README's first sampling command: demo/model/generator.msgpack, the demo's generator as
+    `sample.py --export` writes it, draws 7s that the evaluator's classifier reads as 7s."""
+    from pathlib import Path
+
+    from digitscape_jax import classifier
+    from digitscape_jax.sampling import class_labels, load_generator
+
+    shipped = Path(__file__).resolve().parents[1] / "demo" / "model" / "generator.msgpack"
+    config, variables, step = load_generator(shipped)
+    assert config.conditional and step > 0
+    digits = generate(config, variables, jax.random.key(0), 200,
+                      labels=class_labels(config, 200, digit=7))
+    assert digits.shape == (200, 28, 28) and digits.dtype == np.uint8
+    predicted = classifier.classify(classifier.load(), digits)[1].argmax(1)
+    assert np.mean(predicted == 7) >= 0.9
