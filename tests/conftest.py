@@ -3,7 +3,8 @@
 Two tiers (docs/design.md, Tests): `pytest -m "not slow"` after every edit, hermetic, and the
 whole suite before a commit. A test is `slow` when it needs real MNIST (every user of the
 `mnist_idx` fixture, through `real_batch` or `trained_run` too, is marked here), a browser, npm
-or a child process that trains (marked in its file)."""
+or a child process that trains (marked in its file), or compiles or trains for more than about
+two seconds (LONG_IN_PROCESS, marked here)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,52 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
 # Fixtures that read the real MNIST files: a test that uses one, directly or through another
 # fixture, is `slow`.
 REAL_MNIST_FIXTURES = {"mnist_idx"}
+# Hermetic tests that compile or train for more than about two seconds on a 2-core CPU, by
+# function name: `slow` too, so that the fast tier stays under a minute.
+LONG_IN_PROCESS = {
+    "test_a_clustered_run_keeps_its_cluster_prior_and_resumes_bitwise",
+    "test_restore_then_step_is_bit_identical_to_stepping_on",
+    "test_a_new_metric_of_the_step_reaches_the_screen_the_log_and_the_plot",
+    "test_onnx_export_matches_the_jax_generator",
+    "test_generator_matches_keras",
+    "test_discriminator_matches_keras",
+    "test_a_stop_acts_within_two_steps_of_the_last_finished_one",
+    "test_conv_computes_its_gradients_in_bfloat16",
+    "test_conv_transpose_is_flax_and_lax_conv_transpose",
+    "test_conv_is_flax_conv_with_the_same_gradients",
+    "test_held_out_classifier_weights_round_trip",
+    "test_train_writes_every_output_and_resumes_in_process",
+    "test_the_default_g_maps_its_7x7_features_with_a_3x3_kernel_and_an_old_checkpoint_5x5",
+    "test_a_rerun_without_arch_resumes_the_arch_of_its_checkpoint",
+    "test_train_classifier_writes_loadable_weights",
+    "test_a_run_once_program_computes_the_same_bits_as_an_optimised_one",
+    "test_kernels_are_glorot_uniform",
+    "test_d_has_its_own_learning_rate",
+    "test_conditional_savedmodel_matches_the_jax_generator",
+    "test_cli_errors_are_one_line_in_a_real_process",
+    "test_a_conditional_clustered_generator_draws_a_cluster_of_the_digit_asked_for",
+    "test_r1_gradient_through_the_fast_conv_is_flax_convs",
+    "test_the_label_changes_what_each_network_computes",
+    "test_training_classes_are_the_clusters_the_clusters_within_labels_or_the_labels",
+    "test_batchnorm_uses_keras_momentum_and_epsilon",
+    "test_generate_in_batches_is_reproducible_and_batch_sized",
+    "test_spectral_normalize_divides_by_the_largest_singular_value",
+    "test_train_flags_are_accepted_or_refused_in_one_line",
+    "test_sample_flags_are_accepted_or_refused_in_one_line",
+    "test_normalised_features_group_digits_by_shape_not_by_ink",
+    "test_a_fast_checkpoint_from_before_g_first_kernel_restores_as_its_5x5_layer",
+    "test_latent_walks_loop_through_their_points",
+    "test_sample_draws_the_digit_asked_for",
+    "test_slerp_ends_at_its_points_and_keeps_the_norm",
+    "test_kmeans_within_labels_clusters_each_labels_images_apart",
+    "test_kmeans_finds_separated_groups_and_their_shares_deterministically",
+    "test_generator_has_no_biases_and_discriminator_zero_biases",
+    "test_conv_transpose_refuses_a_kernel_narrower_than_its_stride",
+    "test_precision_and_recall_of_known_feature_sets",
+    "test_the_noise_draws_each_cluster_at_its_frequency",
+    "test_the_shipped_generator_draws_the_digit_asked_for_without_training",
+    "test_report_check_exits_zero_on_the_committed_docs",
+}
 
 # The longest tests, by name (without parameters), and roughly how many seconds each takes on
 # a 2-core CPU: they are started first, shared out between pytest-xdist's two workers. Only
@@ -65,7 +112,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]):
     """Marks the users of real MNIST `slow` (before `-m` deselects), then orders the tests
     selected (after)."""
     for item in items:
-        if REAL_MNIST_FIXTURES & set(item.fixturenames):
+        if (REAL_MNIST_FIXTURES & set(item.fixturenames)
+                or getattr(item, "originalname", item.name) in LONG_IN_PROCESS):
             item.add_marker(pytest.mark.slow)
     result = yield
     items[:] = two_worker_order(items)
