@@ -68,7 +68,7 @@ def save_gif(path: str | Path, frames: list[np.ndarray], frame_ms: int = 400) ->
 
 # Metrics drawn together in one panel; every other metric gets a panel of its own.
 PANELS = (("loss", ("d_loss", "g_loss")), ("discriminator output", ("d_real", "d_fake")),
-          ("FD to MNIST test (lower is better)", ("fd",)), ("inception score (10 is best)", ("is",)))
+          ("FD to MNIST test (lower is better)", ("fd", "fd_held_out")), ("inception score (10 is best)", ("is",)))
 
 
 def metric_panels(records: list[dict]) -> list[tuple[str, tuple[str, ...]]]:
