@@ -387,9 +387,20 @@ def show(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float | int) else str(value)
 
 
+def flag_words(values: Mapping[str, Any], text: Callable[[Any], str] = str) -> list[str]:
+    """Settings as the command-line words that set them, each value written by `text` (str:
+    exactly, as a command that repeats a run needs); a switch is its flag where on, nothing
+    where off."""
+    words: list[str] = []
+    for name, value in values.items():
+        flag = f"--{flag_name(name)}"
+        words += ([flag] if value else []) if isinstance(value, bool) else [flag, text(value)]
+    return words
+
+
 def as_flags(values: Mapping[str, Any]) -> str:
-    """Settings as the flags that set them: "--lr 0.0005 --clusters 300"."""
-    return " ".join(f"--{flag_name(name)} {show(value)}" for name, value in values.items())
+    """Settings as the flags that set them, to read: "--lr 0.0005 --clusters 300"."""
+    return " ".join(flag_words(values, show))
 
 
 def per_arch(values: Mapping[str, Any]) -> str:

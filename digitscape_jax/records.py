@@ -42,15 +42,6 @@ def changed_settings(config: Config) -> dict[str, Any]:
             if name not in ("arch", "conditional") and value != getattr(preset, name)}
 
 
-def flags_of(settings: dict[str, Any]) -> list[str]:
-    """`settings` as train.py's command-line flags."""
-    flags = []
-    for name, value in settings.items():
-        flag = f"--{config_lib.flag_name(name)}"
-        flags += [flag] if value is True else [] if value is False else [flag, str(value)]
-    return flags
-
-
 def train_command(config: Config) -> str:
     """The train.py command that trains `config` (the preset's settings left out)."""
     words = ["python", "train.py", "--steps", str(config.steps)]
@@ -58,8 +49,8 @@ def train_command(config: Config) -> str:
         words += ["--arch", config.arch]
     if config.conditional:
         words.append("--conditional")
-    return " ".join(words + flags_of({k: v for k, v in changed_settings(config).items()
-                                      if k != "steps"}))
+    return " ".join(words + config_lib.flag_words({k: v for k, v in changed_settings(config).items()
+                                                   if k != "steps"}))
 
 
 def recipe_changes(config: Config) -> dict[str, Any]:

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from digitscape_jax import cli, provenance, records
-from digitscape_jax.config import DEFAULT_ARCH, Config
+from digitscape_jax.config import DEFAULT_ARCH, Config, flag_words
+from digitscape_jax.evaluator import REAL_TRAIN
 from digitscape_jax.errors import UserError
 from digitscape_jax.files import write_atomically
 
@@ -32,7 +33,6 @@ FD_PLOT = "docs/fd_over_time.png"
 MARKER = re.compile(r"(<!-- report:(?P<name>[a-z-]+) -->\n)(?P<body>.*?)(<!-- /report:(?P=name) -->)",
                     re.DOTALL)
 HELD_OUT, SELECTION = "held_out", "selection"
-REAL = "real train digits"  # the calibration set that real-vs-real figures come from
 FULL_RUN = 20_000  # steps of `python train.py --steps 20000`, the runs the targets are about
 
 
@@ -47,12 +47,19 @@ class Target:
     digits: int = 3
 
 
+def space_of(metrics: dict[str, Any], name: str = HELD_OUT) -> dict[str, Any]:
+    """One feature space's figures of an evaluation (`Evaluator.evaluate`'s dict)."""
+    return metrics["spaces"][name]
+
+
 def space(record: dict[str, Any], name: str = HELD_OUT) -> dict[str, Any]:
-    return record["metrics"]["spaces"][name]
+    """One feature space's figures of a record."""
+    return space_of(record["metrics"], name)
 
 
 def real_vs_real(calibration: dict[str, Any], name: str = HELD_OUT) -> float:
-    return calibration["metrics"][REAL]["spaces"][name]["fd"]
+    """Real train digits' FD against the test digits in a space: the scale of every FD."""
+    return space_of(calibration["metrics"][REAL_TRAIN], name)["fd"]
 
 
 TARGETS = (
@@ -164,7 +171,7 @@ QUALITY_HEADER = ("recipe", "steps", "seed", "machine", "minutes", "FD", "FD / r
 
 
 def reference_row(reference: dict[str, Any], doc: Path) -> list[str]:
-    real = reference["metrics"][REAL]
+    real = reference["metrics"][REAL_TRAIN]
     return ["real train digits against test", "", "", "", "", number(space_of(real)["fd"], 2),
             "1.0", number(space_of(real)["inception_score"], 2),
             number(space_of(real)["precision"]), number(space_of(real)["recall"]), "",
@@ -217,9 +224,7 @@ def ablations(all_records: dict[str, dict[str, Any]], doc: Path) -> str:
         if not lever:
             continue
         held_out = space(record)
-        rows.append([recipe_of(record), ", ".join(f"`{records.flags_of({k: v})[0]}"
-                                                  f"{' ' + str(v) if v is not True else ''}`"
-                                                  for k, v in lever.items()),
+        rows.append([recipe_of(record), f"`{' '.join(flag_words(lever))}`",
                      f"{config.steps:,}", str(config.seed), number(space(record, SELECTION)["fd"], 2),
                      number(held_out["fd"] / real_vs_real(reference), 1),
                      number(held_out["precision"]), number(held_out["recall"]), link(record, doc)])
@@ -255,7 +260,7 @@ def calibration_tables(all_records: dict[str, dict[str, Any]], doc: Path) -> str
     parts = []
     for name in (HELD_OUT, SELECTION):
         rows = [[set_name, f"{m['n']:,}", number(space_of(m, name)["fd"], 2),
-                 number(space_of(m, name)["fd"] / space_of(reference['metrics'][REAL], name)["fd"], 1),
+                 number(space_of(m, name)["fd"] / real_vs_real(reference, name), 1),
                  number(space_of(m, name)["inception_score"], 2),
                  number(space_of(m, name)["precision"]), number(space_of(m, name)["recall"])]
                 for set_name, m in reference["metrics"].items()]
@@ -286,17 +291,16 @@ def training_time(all_records: dict[str, dict[str, Any]], doc: Path) -> str:
 
 
 def bench(all_records: dict[str, dict[str, Any]], doc: Path) -> str:
-    """`bench/bench.py`'s update times, one table per recorded machine."""
-    parts = []
-    for record in sorted(by_kind(all_records, "bench"), key=lambda r: r["name"]):
-        rows = [[f"`{row['arch']}`", str(row["batch"]), f"{row['framework']} {row['version']}",
-                 number(row["median_step_s"], 4), number(row["iqr_pct"], 0),
-                 number(row["first_step_s"], 2), number(row["vs_ours"], 2)]
-                for row in record["metrics"]["results"]]
-        parts.append(f"{machine_of(record)}: `{record['command']}` ({link(record, doc)})\n\n"
-                     + table(("arch", "batch", "framework", "s/step", "iqr %", "first step s",
-                              "vs ours"), rows, ""))
-    return "\n".join(parts) or "*no bench run is recorded*\n"
+    """`bench/bench.py`'s update times, a row per (machine, arch, batch, framework); each
+    record names the command that made it."""
+    rows = [[machine_of(record), f"`{row['arch']}`", str(row["batch"]),
+             f"{row['framework']} {row['version']}", number(row["median_step_s"], 4),
+             number(row["iqr_pct"], 0), number(row["first_step_s"], 2), number(row["vs_ours"], 2),
+             link(record, doc)]
+            for record in sorted(by_kind(all_records, "bench"), key=lambda r: r["name"])
+            for row in record["metrics"]["results"]]
+    return table(("machine", "arch", "batch", "framework", "s/step", "iqr %", "first step s",
+                  "vs ours", "record"), rows, "no bench run is recorded")
 
 
 def analysis(all_records: dict[str, dict[str, Any]], doc: Path) -> str:
@@ -312,10 +316,10 @@ def analysis(all_records: dict[str, dict[str, Any]], doc: Path) -> str:
 def calibration_criterion(all_records: dict[str, dict[str, Any]], doc: Path) -> str:
     """How many times real digits' FD each degraded calibration set sits in each space: the
     held-out space must separate each at least as clearly as the selection space."""
-    metrics = calibration(all_records)["metrics"]
-    ratios = {name: {s: space_of(m, s)["fd"] / space_of(metrics[REAL], s)["fd"]
+    reference = calibration(all_records)
+    ratios = {name: {s: space_of(m, s)["fd"] / real_vs_real(reference, s)
                      for s in (SELECTION, HELD_OUT)}
-              for name, m in metrics.items() if name != REAL and not name.startswith("real")}
+              for name, m in reference["metrics"].items() if not name.startswith("real")}
     rows = [[name, number(r[SELECTION], 1), number(r[HELD_OUT], 1),
              number(r[HELD_OUT] / r[SELECTION], 2), "yes" if r[HELD_OUT] >= r[SELECTION] else "no"]
             for name, r in ratios.items()]
@@ -358,9 +362,8 @@ def plot_fd_over_time(all_records: dict[str, dict[str, Any]], path: Path) -> Pat
 def stale(repo: Path = REPO, results: Path | None = None) -> list[Path]:
     """The docs whose tables differ from what the records generate."""
     all_records = records.read_all(results or repo / "docs" / "results")
-    return [repo / name for name in DOCS if (repo / name).exists()
-            and render((repo / name).read_text(), all_records, repo / name)
-            != (repo / name).read_text()]
+    docs = {repo / name: (repo / name).read_text() for name in DOCS if (repo / name).exists()}
+    return [doc for doc, text in docs.items() if render(text, all_records, doc) != text]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -16,6 +16,7 @@ import pytest
 from digitscape_jax import provenance, records, report
 from digitscape_jax.config import Config
 from digitscape_jax.errors import UserError
+from digitscape_jax.evaluator import REAL_TRAIN
 from digitscape_jax.metrics import RUNS_FILE, MetricsLog
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +52,8 @@ def test_a_record_is_named_by_its_preset_and_changed_settings(config, name, comm
 
 @pytest.mark.parametrize("config", [
     Config(), Config(arch="dcgan", conditional=True, seed=7, beta1=0.0, loss="hinge"),
-    Config(arch="small", clusters=50, mode_seeking=0.3, eval_every=500, ema_decay=0.0),
+    Config(arch="small", clusters=50, mode_seeking=0.3, eval_every=500, ema_decay=0.0,
+           data_on_device=True, learning_rate=1.2345678e-4),
 ])
 def test_a_records_command_trains_its_config_again(config):
     import train
@@ -116,7 +118,7 @@ def test_a_changed_record_makes_its_tables_stale(tmp_path):
     shutil.copytree(REPO / "docs" / "results", results)
     calibration = results / "calibration.json"
     data = json.loads(calibration.read_text())
-    data["metrics"][report.REAL]["spaces"][report.HELD_OUT]["fd"] *= 2
+    data["metrics"][REAL_TRAIN]["spaces"][report.HELD_OUT]["fd"] *= 2
     calibration.write_text(json.dumps(data))
     assert REPO / "docs" / "quality.md" in report.stale(REPO, results)
 
